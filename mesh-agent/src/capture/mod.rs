@@ -1,0 +1,284 @@
+//! Capture: loads the kernel programs, keeps the capture rules in their maps, attaches them to
+//! task cgroups, and answers "where was this accepted connection going?".
+//!
+//! Nothing is pinned in bpffs. Every attachment is a BPF link owned by this process, so the
+//! kernel detaches the programs when the agent exits, even if it is killed: a crashed agent can
+//! not leave tasks redirected to a listener that no longer exists.
+
+mod rules;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, anyhow};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+    cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
+};
+use aya::{Ebpf, EbpfLoader};
+use mesh_common::{
+    ConnKey, FAMILY_V4, FAMILY_V6, OriginalDst, SETTINGS_CAPTURE_ALL, SETTINGS_READY, Settings,
+    stat,
+};
+
+use crate::config::{CaptureMode, CaptureSettings};
+
+/// The compiled `mesh-ebpf` object, embedded by build.rs so the binary is the whole product.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf.o"));
+
+const PROG_SOCK_OPS: &str = "record_original_dst";
+/// cgroup sock_addr programs per family, in attach order: `getpeername` before `connect`, so a
+/// socket is never captured without its peer address being restored.
+const SOCK_ADDR_V4: [&str; 2] = ["restore_peer4", "capture_connect4"];
+const SOCK_ADDR_V6: [&str; 2] = ["restore_peer6", "capture_connect6"];
+
+/// Loaded programs and maps. One per agent.
+pub struct Capture {
+    /// Programs (for attach/detach) and the rule maps; changed only on setup and reload.
+    control: Mutex<Ebpf>,
+    /// The accept path's map, kept apart so lookups never wait behind a reload.
+    dst_by_conn: Mutex<HashMap<MapData, ConnKey, OriginalDst>>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// The programs attached to one task cgroup; give it back to [`Capture::detach`].
+#[derive(Debug)]
+pub struct Attachment {
+    cgroup: PathBuf,
+    sock_ops: SockOpsLinkId,
+    /// In attach order.
+    sock_addr: Vec<(&'static str, CgroupSockAddrLinkId)>,
+}
+
+impl Capture {
+    /// Loads and verifies every program. `kernel_log_level` is the aya-log level compiled into
+    /// the programs' log statements (0 = off, 4 = debug).
+    pub fn load(kernel_log_level: u8) -> anyhow::Result<Capture> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &kernel_log_level, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| anyhow!("cannot load the embedded eBPF object: {e}"))?;
+        for name in SOCK_ADDR_V4.into_iter().chain(SOCK_ADDR_V6) {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| load_error(name, e))?;
+        }
+        let prog: &mut SockOps = program(&mut ebpf, PROG_SOCK_OPS)?;
+        prog.load().map_err(|e| load_error(PROG_SOCK_OPS, e))?;
+
+        let dst_by_conn = HashMap::try_from(take_map(&mut ebpf, "DST_BY_CONN")?)?;
+        let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)?;
+        Ok(Capture {
+            control: Mutex::new(ebpf),
+            dst_by_conn: Mutex::new(dst_by_conn),
+            stats,
+        })
+    }
+
+    /// Forwards the programs' aya-log records to this process's `log`/`tracing` output.
+    pub fn take_kernel_logger(&self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        let mut ebpf = self.control.lock().expect("capture lock poisoned");
+        aya_log::EbpfLogger::init(&mut ebpf).context("cannot read the eBPF programs' log buffer")
+    }
+
+    /// Makes the kernel rules equal to `settings`. New entries go in before stale ones leave, so
+    /// a reload never opens a window in which a still-wanted destination is not captured.
+    pub fn apply_rules(
+        &self,
+        settings: &CaptureSettings,
+        outbound_port: u16,
+    ) -> anyhow::Result<()> {
+        let mut ebpf = self.control.lock().expect("capture lock poisoned");
+        rules::apply(&mut ebpf, settings).context("cannot update the capture rule maps")?;
+        let mut flags = SETTINGS_READY;
+        if settings.mode == CaptureMode::All {
+            flags |= SETTINGS_CAPTURE_ALL;
+        }
+        let node = Settings {
+            flags,
+            outbound_port,
+            _pad: 0,
+            agent_tgid: std::process::id(),
+            _pad2: 0,
+        };
+        let mut array: Array<_, Settings> = Array::try_from(
+            ebpf.map_mut("SETTINGS")
+                .ok_or_else(|| anyhow!("eBPF object has no SETTINGS map"))?,
+        )?;
+        array
+            .set(0, node, 0)
+            .context("cannot write the SETTINGS map")?;
+        Ok(())
+    }
+
+    /// Attaches the capture programs to a task cgroup. `ipv6` says whether the task has an IPv6
+    /// outbound listener; without one, IPv6 connects are left alone rather than redirected to a
+    /// closed port.
+    pub fn attach(&self, cgroup: &Path, ipv6: bool) -> anyhow::Result<Attachment> {
+        let dir = std::fs::File::open(cgroup)
+            .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
+        let mut ebpf = self.control.lock().expect("capture lock poisoned");
+        let ebpf = &mut *ebpf;
+        let context = |what: &str| format!("cannot attach {what} to cgroup {}", cgroup.display());
+        // sock_ops first: a connect captured by connect4/6 must find sock_ops in place to record
+        // its destination. On any failure, undo what was attached.
+        let sock_ops = program::<SockOps>(ebpf, PROG_SOCK_OPS)?
+            .attach(dir.as_fd(), CgroupAttachMode::Single)
+            .with_context(|| context(PROG_SOCK_OPS))?;
+        let mut attachment = Attachment {
+            cgroup: cgroup.to_owned(),
+            sock_ops,
+            sock_addr: Vec::with_capacity(4),
+        };
+        let v6: &[&'static str] = if ipv6 { &SOCK_ADDR_V6 } else { &[] };
+        for &name in SOCK_ADDR_V4.iter().chain(v6) {
+            // Single means "no attach flags": a BPF link always coexists with other links on the
+            // same cgroup (bpf_link_create rejects BPF_F_ALLOW_MULTI), so other tools and a second
+            // agent during a rolling update can attach too; a connect already rewritten to
+            // loopback is left alone by the next program.
+            let attached = program::<CgroupSockAddr>(ebpf, name)
+                .and_then(|p| Ok(p.attach(dir.as_fd(), CgroupAttachMode::Single)?));
+            match attached {
+                Ok(id) => attachment.sock_addr.push((name, id)),
+                Err(e) => {
+                    let _ = detach_all(ebpf, attachment);
+                    return Err(e.context(context(name)));
+                }
+            }
+        }
+        Ok(attachment)
+    }
+
+    /// Detaches a task's programs. Connections already captured keep working; new connects of
+    /// the task go straight to their destination.
+    pub fn detach(&self, attachment: Attachment) -> anyhow::Result<()> {
+        let mut ebpf = self.control.lock().expect("capture lock poisoned");
+        detach_all(&mut ebpf, attachment)
+    }
+
+    /// The original destination of a connection accepted on a task's outbound listener, removed
+    /// from the map so entries cannot accumulate. `None` if the kernel recorded nothing (the
+    /// connection was not captured, e.g. a direct connect to the listener).
+    pub fn take_original_dst(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = ConnKey {
+            netns_cookie,
+            client_port: peer.port(),
+            family: if peer.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+            _pad: 0,
+        };
+        let mut map = self.dst_by_conn.lock().expect("capture lock poisoned");
+        let dst = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        original_to_socket_addr(&dst)
+    }
+
+    /// Totals of the per-CPU decision counters, indexed by `mesh_common::stat`.
+    pub fn stats(&self) -> [u64; stat::COUNT as usize] {
+        let mut out = [0u64; stat::COUNT as usize];
+        for (slot, total) in out.iter_mut().enumerate() {
+            if let Ok(per_cpu) = self.stats.get(&(slot as u32), 0) {
+                *total = per_cpu.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+/// The reverse of attach: redirects first, sock_ops last. Tries every link even if one fails.
+fn detach_all(ebpf: &mut Ebpf, attachment: Attachment) -> anyhow::Result<()> {
+    let mut first_error: Option<anyhow::Error> = None;
+    for (name, id) in attachment.sock_addr.into_iter().rev() {
+        if let Err(e) = program::<CgroupSockAddr>(ebpf, name).and_then(|p| Ok(p.detach(id)?)) {
+            first_error.get_or_insert(e);
+        }
+    }
+    if let Err(e) =
+        program::<SockOps>(ebpf, PROG_SOCK_OPS).and_then(|p| Ok(p.detach(attachment.sock_ops)?))
+    {
+        first_error.get_or_insert(e);
+    }
+    match first_error {
+        None => Ok(()),
+        Some(e) => Err(e.context(format!(
+            "cannot detach programs from cgroup {}",
+            attachment.cgroup.display()
+        ))),
+    }
+}
+
+fn original_to_socket_addr(dst: &OriginalDst) -> Option<SocketAddr> {
+    let ip = match dst.family {
+        FAMILY_V4 => IpAddr::V4(Ipv4Addr::new(
+            dst.addr[0],
+            dst.addr[1],
+            dst.addr[2],
+            dst.addr[3],
+        )),
+        FAMILY_V6 => IpAddr::V6(Ipv6Addr::from(dst.addr)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, dst.port))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("eBPF object has no program {name}"))?;
+    prog.try_into()
+        .map_err(|e| anyhow!("eBPF program {name} has an unexpected type: {e}"))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("eBPF object has no map {name}"))
+}
+
+/// A load failure with the verifier's own explanation, which is what a developer needs.
+fn load_error(name: &str, e: ProgramError) -> anyhow::Error {
+    match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => anyhow!(
+            "the kernel rejected eBPF program {name}: {io_error}\nverifier log:\n{verifier_log}"
+        ),
+        other => anyhow!("cannot load eBPF program {name}: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_destinations_convert_both_families() {
+        let mut v4 = OriginalDst {
+            addr: [0; 16],
+            port: 8080,
+            family: FAMILY_V4,
+            _pad: 0,
+        };
+        v4.addr[..4].copy_from_slice(&[198, 18, 0, 3]);
+        assert_eq!(
+            original_to_socket_addr(&v4),
+            Some("198.18.0.3:8080".parse().unwrap())
+        );
+        let v6 = OriginalDst {
+            addr: "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets(),
+            port: 443,
+            family: FAMILY_V6,
+            _pad: 0,
+        };
+        assert_eq!(
+            original_to_socket_addr(&v6),
+            Some("[2001:db8::1]:443".parse().unwrap())
+        );
+        let bad = OriginalDst { family: 99, ..v6 };
+        assert_eq!(original_to_socket_addr(&bad), None);
+    }
+}

@@ -1,0 +1,337 @@
+//! The agent's configuration file (TOML): node settings, capture rules and, for now, the static
+//! task list. Parsing is strict (unknown fields are errors) and validation names the offending
+//! field, so a typo is reported instead of silently meshing nothing.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentSettings,
+    #[serde(default)]
+    pub capture: CaptureSettings,
+    /// Tasks of this node to mesh (the static task source).
+    #[serde(default, rename = "tasks")]
+    pub tasks: Vec<TaskSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentSettings {
+    /// Prometheus `/metrics`.
+    pub metrics_addr: SocketAddr,
+    /// `/healthz/ready`: 200 once every task is set up, 503 while starting or draining.
+    pub readiness_addr: SocketAddr,
+    /// Port of the outbound listener bound on loopback inside each task netns.
+    pub outbound_port: u16,
+    /// How long SIGTERM waits for open connections to finish before closing them.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// How long a connect to the original destination may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How often the config file is checked for changes; `0s` disables watching (SIGHUP still
+    /// reloads).
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            readiness_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
+            outbound_port: mesh_common::OUTBOUND_PORT,
+            drain_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            watch_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// Capture only destinations listed in `capture.destinations`.
+    #[default]
+    Listed,
+    /// Capture every TCP destination except the excluded ones.
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureSettings {
+    pub mode: CaptureMode,
+    /// `ip:port` (exact) or `cidr` (every port), e.g. `198.18.0.3:8080`, `198.18.1.0/24`,
+    /// `[2001:db8::1]:443`.
+    pub destinations: Vec<Destination>,
+    /// Destination ports never captured (e.g. 22).
+    pub exclude_ports: Vec<u16>,
+    /// Destination networks never captured.
+    pub exclude_cidrs: Vec<Cidr>,
+}
+
+/// A capture rule target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Destination {
+    Exact(SocketAddr),
+    Network(Cidr),
+}
+
+/// An IP network. The address is normalised (host bits cleared) on parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not a CIDR (expected e.g. 198.18.0.0/16)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match len {
+            None => max,
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr {
+            addr: mask(addr, prefix_len),
+            prefix_len,
+        })
+    }
+}
+
+fn mask(addr: IpAddr, prefix_len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let m = if prefix_len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix_len))
+            };
+            IpAddr::V4((bits & m).into())
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let m = if prefix_len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix_len))
+            };
+            IpAddr::V6((bits & m).into())
+        }
+    }
+}
+
+impl FromStr for Destination {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            if sa.port() == 0 {
+                return Err(format!(
+                    "`{s}`: port 0 is not a destination; use a CIDR to capture every port"
+                ));
+            }
+            return Ok(Destination::Exact(sa));
+        }
+        s.parse::<Cidr>().map(Destination::Network).map_err(|_| {
+            format!("`{s}` is neither `ip:port` nor a CIDR (e.g. 198.18.0.3:8080, 198.18.0.0/24)")
+        })
+    }
+}
+
+macro_rules! deserialize_from_str {
+    ($t:ty) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+deserialize_from_str!(Cidr);
+deserialize_from_str!(Destination);
+
+/// One meshed task in the static task source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Unique, stable name; used in metric labels and logs.
+    pub id: String,
+    /// The task's cgroup v2 directory: absolute, or relative to the cgroup2 mount.
+    pub cgroup: PathBuf,
+    /// The task's network namespace as a path (e.g. `/var/run/netns/x`)...
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// ...or as the pid of any process of the task (`/proc/<pid>/ns/net`). Exactly one is set.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The task's own addresses (informational for now; used by later routing).
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+}
+
+impl TaskSpec {
+    /// Path of the task's netns file. Validation guarantees exactly one of `netns`/`pid`.
+    pub fn netns_path(&self) -> PathBuf {
+        match (&self.netns, self.pid) {
+            (Some(p), _) => p.clone(),
+            (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+            (None, None) => PathBuf::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`. Errors name the file and, for syntax errors, the line.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let mut ids = HashSet::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if t.id.is_empty() || t.id.len() > 128 {
+                bail!("tasks[{i}].id must be 1..=128 characters");
+            }
+            if !t
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+            {
+                bail!(
+                    "tasks[{i}].id `{}` may only contain letters, digits and -_.:/",
+                    t.id
+                );
+            }
+            if !ids.insert(&t.id) {
+                bail!("tasks[{i}].id `{}` is used by more than one task", t.id);
+            }
+            if t.netns.is_some() == t.pid.is_some() {
+                bail!(
+                    "tasks[{i}] (`{}`) needs exactly one of `netns = \"/path\"` or `pid = N`",
+                    t.id
+                );
+            }
+            if t.cgroup.components().any(|c| c.as_os_str() == "..") {
+                bail!(
+                    "tasks[{i}].cgroup `{}` must not contain `..`",
+                    t.cgroup.display()
+                );
+            }
+        }
+        if self.agent.outbound_port == 0 {
+            bail!("agent.outbound_port must not be 0");
+        }
+        if self.capture.exclude_ports.contains(&0) {
+            bail!("capture.exclude_ports must not contain 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+        [agent]
+        metrics_addr = "127.0.0.1:15020"
+        drain_timeout = "2s"
+
+        [capture]
+        mode = "listed"
+        destinations = ["198.18.0.3:8080", "198.18.1.7/24", "[2001:db8::1]:443"]
+        exclude_ports = [22]
+        exclude_cidrs = ["198.18.9.0/24"]
+
+        [[tasks]]
+        id = "a"
+        cgroup = "mesh/a"
+        netns = "/var/run/netns/a"
+        addresses = ["198.18.0.2"]
+
+        [[tasks]]
+        id = "b"
+        cgroup = "/sys/fs/cgroup/mesh/b"
+        pid = 42
+    "#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = Config::parse(FULL).unwrap();
+        assert_eq!(c.agent.drain_timeout, Duration::from_secs(2));
+        assert_eq!(c.agent.outbound_port, 15001);
+        assert_eq!(c.capture.destinations.len(), 3);
+        assert_eq!(
+            c.capture.destinations[1],
+            Destination::Network(Cidr {
+                addr: "198.18.1.0".parse().unwrap(),
+                prefix_len: 24
+            })
+        );
+        assert_eq!(c.tasks[1].netns_path(), PathBuf::from("/proc/42/ns/net"));
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_bad_values() {
+        for (bad, needle) in [
+            ("[agent]\nmetrics_adr = \"1.2.3.4:1\"", "unknown field"),
+            ("[capture]\ndestinations = [\"198.18.0.1:0\"]", "port 0"),
+            ("[capture]\ndestinations = [\"nonsense\"]", "neither"),
+            (
+                "[capture]\nexclude_cidrs = [\"10.0.0.0/33\"]",
+                "prefix length",
+            ),
+            ("[capture]\nmode = \"some\"", "unknown variant"),
+            (
+                "[[tasks]]\nid = \"a\"\ncgroup = \"x\"\npid = 1\n[[tasks]]\nid = \"a\"\ncgroup = \"y\"\npid = 2",
+                "more than one task",
+            ),
+            ("[[tasks]]\nid = \"a\"\ncgroup = \"../x\"\npid = 1", "`..`"),
+            ("[[tasks]]\nid = \"a\"\ncgroup = \"x\"", "netns"),
+        ] {
+            let err = format!("{:#}", Config::parse(bad).unwrap_err());
+            assert!(err.contains(needle), "`{bad}` gave `{err}`");
+        }
+    }
+
+    #[test]
+    fn cidrs_are_normalised() {
+        let c: Cidr = "198.19.255.1/15".parse().unwrap();
+        assert_eq!(c.addr, "198.18.0.0".parse::<IpAddr>().unwrap());
+        let host: Cidr = "2001:db8::1".parse().unwrap();
+        assert_eq!(host.prefix_len, 128);
+        let all: Cidr = "8.8.8.8/0".parse().unwrap();
+        assert_eq!(all.addr, "0.0.0.0".parse::<IpAddr>().unwrap());
+    }
+}

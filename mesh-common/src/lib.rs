@@ -1,0 +1,145 @@
+//! Types shared by the kernel programs (`mesh-ebpf`) and the agent (`mesh-agent`).
+//!
+//! Everything here is `#[repr(C)]` plain data with explicit padding, because the same bytes are
+//! read by the BPF verifier-checked programs and by user space through `aya` maps. Addresses are
+//! stored as octets in network order (`[u8; 4]` / `[u8; 16]`); ports are stored in host order.
+#![no_std]
+
+/// Port of the agent's outbound listener, bound on loopback inside every meshed task's netns.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+/// Address family tags stored in map values (same numbers as the kernel's `AF_INET*`).
+pub const FAMILY_V4: u16 = 2;
+pub const FAMILY_V6: u16 = 10;
+
+/// Capacity of the maps that carry original destinations from `connect` to `accept`.
+/// Entries live from a captured `connect()` until the agent accepts the connection (microseconds),
+/// and the maps are LRU, so a burst larger than this can only evict the oldest, already-stale
+/// entries.
+pub const ORIGINAL_DST_MAP_ENTRIES: u32 = 65_536;
+/// Capacity of the exact `ip:port` destination maps and the CIDR tries.
+pub const RULE_MAP_ENTRIES: u32 = 16_384;
+/// Capacity of the excluded-ports map.
+pub const EXCLUDED_PORT_ENTRIES: u32 = 1_024;
+
+/// The original destination of a captured connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    /// IPv4 in the first four octets (rest zero) or IPv6, network order.
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Identifies an accepted connection from the agent's side: the netns the listener lives in and
+/// the client's source port. A source port is unique per netns and family while the connection
+/// exists, and the agent learns both values from its own sockets (`SO_NETNS_COOKIE` on the
+/// listener, the peer port from `accept`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    /// Client (task side) source port, host order.
+    pub client_port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Exact IPv4 destination rule key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DestV4 {
+    pub addr: [u8; 4],
+    /// Host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Exact IPv6 destination rule key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DestV6 {
+    pub addr: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Node-wide capture settings, element 0 of the `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Bit set of `SETTINGS_*` flags.
+    pub flags: u32,
+    /// Host order; [`OUTBOUND_PORT`] unless configured otherwise.
+    pub outbound_port: u16,
+    pub _pad: u16,
+    /// The agent's thread-group id in the initial pid namespace. The agent never sits in a task
+    /// cgroup, so this is a second, independent guard against capturing its own sockets.
+    pub agent_tgid: u32,
+    pub _pad2: u32,
+}
+
+/// Capture every TCP destination that is not excluded, not just the listed ones.
+pub const SETTINGS_CAPTURE_ALL: u32 = 1 << 0;
+/// Settings have been written by the agent. Until then the programs capture nothing.
+pub const SETTINGS_READY: u32 = 1 << 1;
+
+/// Indices of the per-CPU `STATS` array: what the connect hooks decided, and what happened to
+/// original destinations.
+pub mod stat {
+    pub const CAPTURED: u32 = 0;
+    pub const BYPASS_NOT_TCP: u32 = 1;
+    pub const BYPASS_LOOPBACK: u32 = 2;
+    pub const BYPASS_ECS_ENDPOINT: u32 = 3;
+    pub const BYPASS_EXCLUDED_PORT: u32 = 4;
+    pub const BYPASS_EXCLUDED_CIDR: u32 = 5;
+    pub const BYPASS_NOT_MESHED: u32 = 6;
+    pub const BYPASS_AGENT: u32 = 7;
+    pub const BYPASS_NOT_READY: u32 = 8;
+    pub const ORIGINAL_DST_RECORDED: u32 = 9;
+    pub const ORIGINAL_DST_SAVE_FAILED: u32 = 10;
+    /// Number of slots; keep in step with [`NAMES`].
+    pub const COUNT: u32 = 11;
+
+    /// Metric label for each slot, indexed by the constants above.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "captured",
+        "bypass_not_tcp",
+        "bypass_loopback",
+        "bypass_ecs_endpoint",
+        "bypass_excluded_port",
+        "bypass_excluded_cidr",
+        "bypass_not_meshed",
+        "bypass_agent",
+        "bypass_not_ready",
+        "original_dst_recorded",
+        "original_dst_save_failed",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, contain only integers and byte arrays, and have
+    // explicit padding fields, so every bit pattern is valid and there are no implicit holes.
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::DestV4 {}
+    unsafe impl aya::Pod for super::DestV6 {}
+    unsafe impl aya::Pod for super::Settings {}
+}
+
+// The kernel and user space must agree on these layouts byte for byte; a field change that
+// alters a size must be deliberate (and both sides rebuilt together, which the embedded object
+// guarantees).
+const _: () = {
+    assert!(core::mem::size_of::<OriginalDst>() == 24);
+    assert!(core::mem::size_of::<ConnKey>() == 16);
+    assert!(core::mem::size_of::<DestV4>() == 8);
+    assert!(core::mem::size_of::<DestV6>() == 24);
+    assert!(core::mem::size_of::<Settings>() == 16);
+};

@@ -1,0 +1,389 @@
+//! Kernel side of the mesh: transparent capture of task sockets.
+//!
+//! * `cgroup/connect4` and `cgroup/connect6`, attached to every meshed task's cgroup, decide per
+//!   TCP `connect()` whether the destination is captured. A captured socket's original
+//!   destination is saved under its socket cookie and the destination is rewritten to the
+//!   agent's outbound listener on loopback inside the task's own netns.
+//! * `sock_ops` sees the captured socket become established and copies the saved destination to
+//!   a key the agent can compute from its side of the connection: (netns cookie, client port).
+//!   It also asks for the socket's state changes, to forget the destination when it closes.
+//! * `cgroup/getpeername4` and `getpeername6` answer `getpeername()` on a captured socket with
+//!   the original destination, so the application sees the peer it connected to, not the agent.
+//!
+//! The programs never refuse a connect: on any internal failure the connection simply goes to its
+//! original destination uncaptured (fail open) and a counter says so.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr,
+    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::debug;
+use mesh_common::{
+    ConnKey, DestV4, DestV6, EXCLUDED_PORT_ENTRIES, FAMILY_V4, FAMILY_V6, ORIGINAL_DST_MAP_ENTRIES,
+    OriginalDst, RULE_MAP_ENTRIES, SETTINGS_CAPTURE_ALL, SETTINGS_READY, Settings, stat,
+};
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// `connect` hook verdict: let the (possibly rewritten) connect proceed.
+const ALLOW: i32 = 1;
+
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Exact `ip:port` destinations to capture.
+#[map]
+static CAPTURE_DEST_V4: HashMap<DestV4, u8> = HashMap::with_max_entries(RULE_MAP_ENTRIES, 0);
+#[map]
+static CAPTURE_DEST_V6: HashMap<DestV6, u8> = HashMap::with_max_entries(RULE_MAP_ENTRIES, 0);
+
+/// Networks whose every port is captured.
+#[map]
+static CAPTURE_NET_V4: LpmTrie<[u8; 4], u8> =
+    LpmTrie::with_max_entries(RULE_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static CAPTURE_NET_V6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(RULE_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Networks and ports never captured; they win over every capture rule.
+#[map]
+static EXCLUDE_NET_V4: LpmTrie<[u8; 4], u8> =
+    LpmTrie::with_max_entries(RULE_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static EXCLUDE_NET_V6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(RULE_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static EXCLUDE_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(EXCLUDED_PORT_ENTRIES, 0);
+
+/// Original destination by socket cookie, for the captured socket's whole life (getpeername
+/// needs it). Deleted when the socket closes; LRU so connects that never complete cannot fill it.
+#[map]
+static DST_BY_COOKIE: LruHashMap<u64, OriginalDst> =
+    LruHashMap::with_max_entries(ORIGINAL_DST_MAP_ENTRIES, 0);
+
+/// Original destination by (netns cookie, client port), read and deleted by the agent on accept.
+#[map]
+static DST_BY_CONN: LruHashMap<ConnKey, OriginalDst> =
+    LruHashMap::with_max_entries(ORIGINAL_DST_MAP_ENTRIES, 0);
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(p) = STATS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race with us.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Why a connect was not captured, or `CAPTURED`.
+type Verdict = u32;
+
+/// Checks shared by both families that come before looking at the destination.
+#[inline(always)]
+fn precheck(sa: &bpf_sock_addr) -> Result<Settings, Verdict> {
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+        return Err(stat::BYPASS_NOT_TCP);
+    }
+    let settings = match SETTINGS.get(0) {
+        Some(s) if s.flags & SETTINGS_READY != 0 => *s,
+        _ => return Err(stat::BYPASS_NOT_READY),
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == settings.agent_tgid {
+        return Err(stat::BYPASS_AGENT);
+    }
+    Ok(settings)
+}
+
+/// The rule lookup for an IPv4 destination (also used for v4-mapped IPv6 destinations).
+#[inline(always)]
+fn decide_v4(settings: &Settings, addr: [u8; 4], port: u16) -> Verdict {
+    if addr[0] == 127 {
+        return stat::BYPASS_LOOPBACK;
+    }
+    // ECS agent endpoints (credentials, task metadata) and the EC2 instance metadata service.
+    if addr == [169, 254, 170, 2] || addr == [169, 254, 169, 254] {
+        return stat::BYPASS_ECS_ENDPOINT;
+    }
+    if EXCLUDE_PORTS.get_ptr(port).is_some() {
+        return stat::BYPASS_EXCLUDED_PORT;
+    }
+    if EXCLUDE_NET_V4.get(Key::new(32, addr)).is_some() {
+        return stat::BYPASS_EXCLUDED_CIDR;
+    }
+    let exact = DestV4 {
+        addr,
+        port,
+        _pad: 0,
+    };
+    if settings.flags & SETTINGS_CAPTURE_ALL != 0
+        || CAPTURE_DEST_V4.get_ptr(exact).is_some()
+        || CAPTURE_NET_V4.get(Key::new(32, addr)).is_some()
+    {
+        return stat::CAPTURED;
+    }
+    stat::BYPASS_NOT_MESHED
+}
+
+#[inline(always)]
+fn decide_v6(settings: &Settings, addr: [u8; 16], port: u16) -> Verdict {
+    if addr == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1] {
+        return stat::BYPASS_LOOPBACK;
+    }
+    // fd00:ec2::254, the IPv6 instance metadata endpoint.
+    if addr
+        == [
+            0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54,
+        ]
+    {
+        return stat::BYPASS_ECS_ENDPOINT;
+    }
+    if EXCLUDE_PORTS.get_ptr(port).is_some() {
+        return stat::BYPASS_EXCLUDED_PORT;
+    }
+    if EXCLUDE_NET_V6.get(Key::new(128, addr)).is_some() {
+        return stat::BYPASS_EXCLUDED_CIDR;
+    }
+    let exact = DestV6 {
+        addr,
+        port,
+        _pad: [0; 6],
+    };
+    if settings.flags & SETTINGS_CAPTURE_ALL != 0
+        || CAPTURE_DEST_V6.get_ptr(exact).is_some()
+        || CAPTURE_NET_V6.get(Key::new(128, addr)).is_some()
+    {
+        return stat::CAPTURED;
+    }
+    stat::BYPASS_NOT_MESHED
+}
+
+/// Saves the original destination under the socket's cookie. On failure the caller must not
+/// rewrite: a captured connection without a known destination could not be forwarded.
+#[inline(always)]
+fn save_original(ctx: &SockAddrContext, dst: &OriginalDst) -> bool {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    DST_BY_COOKIE.insert(cookie, dst, 0).is_ok()
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let settings = match precheck(sa) {
+        Ok(s) => s,
+        Err(v) => {
+            count(v);
+            return ALLOW;
+        }
+    };
+    let addr = sa.user_ip4.to_ne_bytes();
+    let port = u16::from_be(sa.user_port as u16);
+    let verdict = decide_v4(&settings, addr, port);
+    if verdict != stat::CAPTURED {
+        count(verdict);
+        return ALLOW;
+    }
+    let mut orig = [0u8; 16];
+    orig[..4].copy_from_slice(&addr);
+    let dst = OriginalDst {
+        addr: orig,
+        port,
+        family: FAMILY_V4,
+        _pad: 0,
+    };
+    if !save_original(&ctx, &dst) {
+        count(stat::ORIGINAL_DST_SAVE_FAILED);
+        return ALLOW;
+    }
+    sa.user_ip4 = u32::from_ne_bytes([127, 0, 0, 1]);
+    sa.user_port = u32::from(settings.outbound_port.to_be());
+    count(stat::CAPTURED);
+    debug!(
+        &ctx,
+        "captured connect4 to {:i}:{}",
+        u32::from_be(u32::from_ne_bytes(addr)),
+        port
+    );
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let settings = match precheck(sa) {
+        Ok(s) => s,
+        Err(v) => {
+            count(v);
+            return ALLOW;
+        }
+    };
+    let words = sa.user_ip6;
+    let mut addr = [0u8; 16];
+    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
+    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    let port = u16::from_be(sa.user_port as u16);
+
+    // A dual-stack socket connecting to ::ffff:a.b.c.d is an IPv4 connection: same rules, and it
+    // is redirected to the IPv4 listener through ::ffff:127.0.0.1.
+    let v4_mapped = addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff;
+    let (verdict, dst) = if v4_mapped {
+        let v4 = [addr[12], addr[13], addr[14], addr[15]];
+        let mut orig = [0u8; 16];
+        orig[..4].copy_from_slice(&v4);
+        (
+            decide_v4(&settings, v4, port),
+            OriginalDst {
+                addr: orig,
+                port,
+                family: FAMILY_V4,
+                _pad: 0,
+            },
+        )
+    } else {
+        (
+            decide_v6(&settings, addr, port),
+            OriginalDst {
+                addr,
+                port,
+                family: FAMILY_V6,
+                _pad: 0,
+            },
+        )
+    };
+    if verdict != stat::CAPTURED {
+        count(verdict);
+        return ALLOW;
+    }
+    if !save_original(&ctx, &dst) {
+        count(stat::ORIGINAL_DST_SAVE_FAILED);
+        return ALLOW;
+    }
+    sa.user_ip6 = if v4_mapped {
+        [
+            0,
+            0,
+            u32::from_be(0xffff),
+            u32::from_ne_bytes([127, 0, 0, 1]),
+        ]
+    } else {
+        [0, 0, 0, u32::from_be(1)]
+    };
+    sa.user_port = u32::from(settings.outbound_port.to_be());
+    count(stat::CAPTURED);
+    debug!(&ctx, "captured connect6 (v4-mapped: {})", v4_mapped as u8);
+    ALLOW
+}
+
+#[sock_ops]
+pub fn record_original_dst(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_STATE_CB {
+        // Only captured sockets asked for state callbacks (below).
+        if ctx.arg(1) == BPF_TCP_CLOSE {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+            let _ = DST_BY_COOKIE.remove(&cookie);
+        }
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    let raw = ctx.ops as *mut c_void;
+    let cookie = unsafe { bpf_get_socket_cookie(raw) };
+    // Copied out: a map value may change under us once the map is updated elsewhere.
+    let dst = match unsafe { DST_BY_COOKIE.get(&cookie) } {
+        Some(d) => *d,
+        None => return 1, // not a captured socket
+    };
+    // The agent's listener family: a v4-mapped connection lands on the IPv4 listener.
+    let family = match (ctx.family(), dst.family) {
+        (AF_INET, _) => FAMILY_V4,
+        (AF_INET6, FAMILY_V4) => FAMILY_V4,
+        (AF_INET6, _) => FAMILY_V6,
+        _ => return 1,
+    };
+    let key = ConnKey {
+        netns_cookie: unsafe { bpf_get_netns_cookie(raw) },
+        client_port: ctx.local_port() as u16,
+        family,
+        _pad: 0,
+    };
+    if DST_BY_CONN.insert(&key, &dst, 0).is_ok() {
+        count(stat::ORIGINAL_DST_RECORDED);
+    } else {
+        count(stat::ORIGINAL_DST_SAVE_FAILED);
+    }
+    // Ask for state changes of this socket only, to delete its cookie entry on close.
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    1
+}
+
+/// The saved original destination of a captured socket, if this is one.
+#[inline(always)]
+fn original_of(ctx: &SockAddrContext) -> Option<OriginalDst> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+    unsafe { DST_BY_COOKIE.get(&cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn restore_peer4(ctx: SockAddrContext) -> i32 {
+    if let Some(dst) = original_of(&ctx) {
+        if dst.family == FAMILY_V4 {
+            let sa = unsafe { &mut *ctx.sock_addr };
+            sa.user_ip4 = u32::from_ne_bytes([dst.addr[0], dst.addr[1], dst.addr[2], dst.addr[3]]);
+            sa.user_port = u32::from(dst.port.to_be());
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
+    if let Some(dst) = original_of(&ctx) {
+        let sa = unsafe { &mut *ctx.sock_addr };
+        let a = dst.addr;
+        sa.user_ip6 = if dst.family == FAMILY_V4 {
+            [
+                0,
+                0,
+                u32::from_be(0xffff),
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            ]
+        } else {
+            [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ]
+        };
+        sa.user_port = u32::from(dst.port.to_be());
+    }
+    ALLOW
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,283 @@
+//! `client`: drive one of the server modes and verify every byte that comes back.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use sha2::{Digest, Sha256};
+
+use crate::args::Args;
+use crate::pattern::{CLIENT_SEED, Pattern, SERVER_SEED};
+
+const CHUNK: usize = 64 * 1024;
+
+enum Mode {
+    HalfClose { send: u64, expect: u64 },
+    Echo { send: u64 },
+    Concurrent { connections: usize, send: u64 },
+    Hold { seconds: u64 },
+}
+
+pub struct Options {
+    connect: SocketAddr,
+    timeout: Duration,
+    mode: Mode,
+}
+
+impl Options {
+    pub fn from_args(args: &Args) -> Result<Self, String> {
+        let mode = args.required::<String>("mode")?;
+        let (known, mode): (&[&str], Mode) = match mode.as_str() {
+            "halfclose" => (
+                &["send-bytes", "expect-bytes"],
+                Mode::HalfClose {
+                    send: args.required("send-bytes")?,
+                    expect: args.required("expect-bytes")?,
+                },
+            ),
+            "echo" => (
+                &["send-bytes"],
+                Mode::Echo {
+                    send: args.required("send-bytes")?,
+                },
+            ),
+            "concurrent" => (
+                &["connections", "send-bytes"],
+                Mode::Concurrent {
+                    connections: args.required("connections")?,
+                    send: args.required("send-bytes")?,
+                },
+            ),
+            "hold" => (
+                &["seconds"],
+                Mode::Hold {
+                    seconds: args.required("seconds")?,
+                },
+            ),
+            other => return Err(format!("unknown client mode {other:?}")),
+        };
+        let mut all = vec!["connect", "mode", "timeout"];
+        all.extend_from_slice(known);
+        args.only(&all)?;
+        let timeout = Duration::from_secs(args.optional("timeout")?.unwrap_or(30));
+        Ok(Self {
+            connect: args.required("connect")?,
+            timeout,
+            mode,
+        })
+    }
+}
+
+pub fn run(opts: Options) -> Result<()> {
+    let started = Instant::now();
+    let summary = match opts.mode {
+        Mode::HalfClose { send, expect } => {
+            let (stream, addrs) = connect(&opts)?;
+            half_close(stream, send, expect)?;
+            format!("sent={send} received={expect} {addrs}")
+        }
+        Mode::Echo { send } => {
+            let (stream, addrs) = connect(&opts)?;
+            echo(stream, send)?;
+            format!("sent={send} received={send} {addrs}")
+        }
+        Mode::Concurrent { connections, send } => {
+            concurrent(&opts, connections, send)?;
+            format!("connections={connections} sent={send} each")
+        }
+        Mode::Hold { seconds } => {
+            let (stream, addrs) = connect(&opts)?;
+            let messages = hold(stream, Duration::from_secs(seconds))?;
+            format!("messages={messages} {addrs}")
+        }
+    };
+    println!("ok {summary} elapsed_ms={}", started.elapsed().as_millis());
+    Ok(())
+}
+
+/// Connects with `--timeout` bounding the connect and every later read and write.
+/// Also returns `local=.. peer=..` as the client saw them, for the summary line.
+fn connect(opts: &Options) -> Result<(TcpStream, String)> {
+    let stream = TcpStream::connect_timeout(&opts.connect, opts.timeout)
+        .with_context(|| format!("connect {}", opts.connect))?;
+    stream.set_read_timeout(Some(opts.timeout))?;
+    stream.set_write_timeout(Some(opts.timeout))?;
+    stream.set_nodelay(true)?;
+    let addrs = format!(
+        "local={} peer={}",
+        stream.local_addr()?,
+        stream.peer_addr()?
+    );
+    Ok((stream, addrs))
+}
+
+/// Sends `len` pattern bytes, then shuts the write side down.
+fn send_pattern(stream: &mut TcpStream, len: u64, mut digest: Option<&mut Sha256>) -> Result<()> {
+    let mut pattern = Pattern::new(CLIENT_SEED);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        pattern.fill(&mut buf[..n]);
+        if let Some(d) = digest.as_deref_mut() {
+            d.update(&buf[..n]);
+        }
+        stream
+            .write_all(&buf[..n])
+            .with_context(|| format!("write after {} of {len} bytes", len - left))?;
+        left -= n as u64;
+    }
+    stream.shutdown(Shutdown::Write).context("shutdown(write)")
+}
+
+/// Reads to EOF, checking the bytes against `pattern`; fails unless exactly `len` arrive.
+fn expect_pattern(
+    stream: &mut TcpStream,
+    mut pattern: Pattern,
+    len: u64,
+    what: &str,
+) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut scratch = Vec::with_capacity(CHUNK);
+    let mut got = 0u64;
+    loop {
+        let n = read_some(stream, &mut buf)
+            .with_context(|| format!("{what}: read after {got} of {len} bytes"))?;
+        if n == 0 {
+            break;
+        }
+        ensure!(
+            got + n as u64 <= len,
+            "{what}: more than the expected {len} bytes arrived"
+        );
+        if let Err(i) = pattern.verify(&buf[..n], &mut scratch) {
+            bail!("{what}: byte {} differs from what was sent", got + i as u64);
+        }
+        got += n as u64;
+    }
+    ensure!(got == len, "{what}: EOF after {got} of {len} bytes");
+    Ok(())
+}
+
+fn half_close(mut stream: TcpStream, send: u64, expect: u64) -> Result<()> {
+    let mut digest = Sha256::new();
+    send_pattern(&mut stream, send, Some(&mut digest))?;
+    let mut theirs = [0u8; 32];
+    read_exact(&mut stream, &mut theirs).context("read the server's digest")?;
+    ensure!(
+        theirs[..] == digest.finalize()[..],
+        "the server's SHA-256 of the {send} bytes it received differs from what was sent"
+    );
+    expect_pattern(&mut stream, Pattern::new(SERVER_SEED), expect, "reply")
+}
+
+fn echo(mut stream: TcpStream, send: u64) -> Result<()> {
+    // Write and read at the same time: a proxy that only moves one direction at a time,
+    // or stops reading while its write blocks, deadlocks here and hits the timeout.
+    let mut writer = stream.try_clone()?;
+    let sender = thread::spawn(move || send_pattern(&mut writer, send, None));
+    let read = expect_pattern(&mut stream, Pattern::new(CLIENT_SEED), send, "echo");
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer thread panicked"))?;
+    // A write error usually explains a read error, so report it first.
+    sent.and(read)
+}
+
+fn concurrent(opts: &Options, connections: usize, send: u64) -> Result<()> {
+    ensure!(connections > 0, "--connections must be positive");
+    // All connections are opened before any sends, so the far side really holds
+    // `connections` at once. Every thread reaches the barrier, even one whose connect
+    // failed, so a failure cannot leave the others waiting forever.
+    let barrier = Arc::new(Barrier::new(connections));
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let barrier = barrier.clone();
+            let connected = connect(opts);
+            thread::spawn(move || {
+                barrier.wait();
+                let (stream, _) = connected?;
+                echo(stream, send)
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (i, worker) in workers.into_iter().enumerate() {
+        match worker.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("connection {i}: {e:#}")),
+            Err(_) => failures.push(format!("connection {i}: thread panicked")),
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} of {connections} connections failed; first: {}",
+            failures.len(),
+            failures[0]
+        );
+    }
+    Ok(())
+}
+
+fn hold(mut stream: TcpStream, duration: Duration) -> Result<u64> {
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < duration {
+        // Fixed width, so every echo has a known length.
+        let message = format!("hold {sent:012}\n");
+        stream
+            .write_all(message.as_bytes())
+            .with_context(|| format!("write message {sent}"))?;
+        let mut echoed = vec![0u8; message.len()];
+        read_exact(&mut stream, &mut echoed).with_context(|| {
+            format!(
+                "message {sent} not echoed ({:?} into the hold)",
+                started.elapsed()
+            )
+        })?;
+        ensure!(
+            echoed == message.as_bytes(),
+            "message {sent} came back altered"
+        );
+        sent += 1;
+        thread::sleep(Duration::from_millis(100));
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .context("read to EOF after the hold")?;
+    ensure!(
+        rest.is_empty(),
+        "{} unexpected bytes after the last echo",
+        rest.len()
+    );
+    Ok(sent)
+}
+
+/// `read`, but a timeout reads as a clear error rather than `WouldBlock`.
+fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                bail!("timed out waiting for data")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn read_exact(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = read_some(stream, &mut buf[filled..])?;
+        ensure!(n > 0, "EOF after {filled} of {} bytes", buf.len());
+        filled += n;
+    }
+    Ok(())
+}

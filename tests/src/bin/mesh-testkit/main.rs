@@ -1,0 +1,56 @@
+//! `mesh-testkit`: a plain TCP server and client for the integration tests.
+//!
+//! It stands for the "unmodified program" inside a task: it knows nothing about the mesh,
+//! it only moves deterministic bytes and checks that they arrive intact.
+//!
+//! ```text
+//! mesh-testkit serve  --listen ADDR --mode http|echo|halfclose [--reply-bytes N]
+//! mesh-testkit client --connect ADDR --mode halfclose --send-bytes N --expect-bytes M
+//! mesh-testkit client --connect ADDR --mode echo --send-bytes N
+//! mesh-testkit client --connect ADDR --mode concurrent --connections C --send-bytes K
+//! mesh-testkit client --connect ADDR --mode hold --seconds S
+//! ```
+//! Every client mode also takes `--timeout SECS` (default 30): no single connect, read or
+//! write may block longer, so a broken path fails instead of hanging. Exit status: 0 on
+//! success (with one `ok ...` summary line on stdout), 1 on failure (reason on stderr),
+//! 2 on bad arguments.
+
+mod args;
+mod client;
+mod pattern;
+mod serve;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage:
+  mesh-testkit serve  --listen ADDR --mode http|echo|halfclose [--reply-bytes N]
+  mesh-testkit client --connect ADDR --mode halfclose|echo|concurrent|hold
+                      [--send-bytes N] [--expect-bytes M] [--connections C] [--seconds S]
+                      [--timeout SECS]";
+
+fn main() -> ExitCode {
+    let mut argv = std::env::args().skip(1);
+    let command = argv.next();
+    let parsed = args::Args::parse(argv);
+    let outcome = match (command.as_deref(), parsed) {
+        (Some("serve"), Ok(args)) => serve::Options::from_args(&args).map(serve::run),
+        (Some("client"), Ok(args)) => client::Options::from_args(&args).map(client::run),
+        (Some("-h" | "--help"), _) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        (_, Err(e)) => Err(e),
+        _ => Err("expected a subcommand: serve or client".to_string()),
+    };
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+        Err(usage) => {
+            eprintln!("error: {usage}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
