@@ -11,6 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::destinations::Destinations;
+use crate::identity::{RoleArn, TrustDomain};
+use crate::policy::Authorizer;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -18,9 +22,21 @@ pub struct Config {
     pub agent: AgentSettings,
     #[serde(default)]
     pub capture: CaptureSettings,
+    #[serde(default)]
+    pub mesh: MeshSettings,
+    /// Workload identity and mutual TLS. Without it the agent carries captured connections as
+    /// plain TCP (capture only).
+    #[serde(default)]
+    pub identity: Option<IdentitySettings>,
     /// Tasks of this node to mesh (the static task source).
     #[serde(default, rename = "tasks")]
     pub tasks: Vec<TaskSpec>,
+    /// Meshed workloads on other nodes (static destination resolution).
+    #[serde(default, rename = "endpoints")]
+    pub endpoints: Vec<EndpointSpec>,
+    /// Inbound authorization: who may connect to this node's tasks.
+    #[serde(default, rename = "policies")]
+    pub policies: Vec<PolicySpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -42,6 +58,12 @@ pub struct AgentSettings {
     /// reloads).
     #[serde(with = "humantime_serde")]
     pub watch_interval: Duration,
+    /// Port of the mutual-TLS tunnel (HBONE) listener, bound inside each meshed task's netns and
+    /// dialled on peers.
+    pub tunnel_port: u16,
+    /// A pooled tunnel connection with no open stream is closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for AgentSettings {
@@ -53,6 +75,8 @@ impl Default for AgentSettings {
             drain_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             watch_interval: Duration::from_secs(2),
+            tunnel_port: 15008,
+            tunnel_idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -78,6 +102,87 @@ pub struct CaptureSettings {
     pub exclude_ports: Vec<u16>,
     /// Destination networks never captured.
     pub exclude_cidrs: Vec<Cidr>,
+}
+
+/// Mesh-wide defaults for authorization and for destinations that are not meshed.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshSettings {
+    pub default_policy: DefaultPolicy,
+    pub egress: Egress,
+}
+
+/// What inbound authorization does for a destination no `[[policies]]` entry names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultPolicy {
+    /// Any workload of the trust domain may connect (mutual TLS is still required).
+    #[default]
+    Allow,
+    /// Only sources a policy allows.
+    Deny,
+}
+
+/// What happens to a captured connection whose destination is not a meshed workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Carried as plain TCP, as without the mesh.
+    #[default]
+    Passthrough,
+    /// Refused (reset) and counted.
+    Deny,
+}
+
+/// Where the trust material lives and how workload certificates are minted.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// The SPIFFE trust domain, e.g. `prod.example.com`.
+    pub trust_domain: String,
+    /// PEM file of the trust anchors (`mesh-agent trust init` writes `bundle.pem`).
+    pub bundle: PathBuf,
+    /// PEM file with the issuer certificate followed by its private key (mode 0600).
+    pub issuer: PathBuf,
+    /// Lifetime of the workload certificates the agent mints; renewed at half-life.
+    #[serde(default = "default_workload_cert_ttl", with = "humantime_serde")]
+    pub workload_cert_ttl: Duration,
+}
+
+fn default_workload_cert_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// A meshed workload on another node, reached through the tunnel to its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// Workload name for metrics and logs (`destination_workload`).
+    pub name: String,
+    /// The addresses applications connect to.
+    pub addresses: Vec<IpAddr>,
+    /// The workload's IAM role; its SPIFFE id is derived from it...
+    #[serde(default)]
+    pub role_arn: Option<String>,
+    /// ...or its SPIFFE id given directly. Exactly one of the two.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Tunnel port of the peer agent for these addresses.
+    #[serde(default)]
+    pub tunnel_port: Option<u16>,
+}
+
+/// Who may connect to a local task (and, optionally, only to some of its ports).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// The destination: a local task id.
+    pub task: String,
+    /// Destination ports this entry covers; empty means every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Allowed sources: SPIFFE ids, SPIFFE id prefixes ending in `/*`, or IAM role ARNs.
+    pub allow: Vec<String>,
 }
 
 /// A capture rule target.
@@ -187,9 +292,15 @@ pub struct TaskSpec {
     /// ...or as the pid of any process of the task (`/proc/<pid>/ns/net`). Exactly one is set.
     #[serde(default)]
     pub pid: Option<u32>,
-    /// The task's own addresses (informational for now; used by later routing).
+    /// The task's own addresses: connections to them from other tasks are meshed, and the
+    /// tunnel accepts connections for them.
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// The task's IAM role, from which its workload identity is derived. A task without one
+    /// has no identity: it can still reach unmeshed destinations, but neither dial nor accept
+    /// mutual-TLS connections.
+    #[serde(default)]
+    pub role_arn: Option<String>,
 }
 
 impl TaskSpec {
@@ -252,6 +363,33 @@ impl Config {
         if self.agent.outbound_port == 0 {
             bail!("agent.outbound_port must not be 0");
         }
+        if self.agent.tunnel_port == 0 || self.agent.tunnel_port == self.agent.outbound_port {
+            bail!("agent.tunnel_port must be set and differ from agent.outbound_port");
+        }
+        let trust_domain = match &self.identity {
+            Some(id) => {
+                if id.workload_cert_ttl < Duration::from_secs(2) {
+                    bail!("identity.workload_cert_ttl must be at least 2s");
+                }
+                Some(TrustDomain::from_str(&id.trust_domain).context("identity.trust_domain")?)
+            }
+            None => None,
+        };
+        for (i, t) in self.tasks.iter().enumerate() {
+            if let Some(arn) = &t.role_arn {
+                if trust_domain.is_none() {
+                    bail!("tasks[{i}].role_arn needs an [identity] section");
+                }
+                RoleArn::from_str(arn).with_context(|| format!("tasks[{i}].role_arn"))?;
+            }
+        }
+        // The typed views used at run time validate the rest (and name the entry).
+        Destinations::new(self)?;
+        Authorizer::new(
+            &self.policies,
+            self.mesh.default_policy,
+            trust_domain.as_ref(),
+        )?;
         if self.capture.exclude_ports.contains(&0) {
             bail!("capture.exclude_ports must not contain 0");
         }

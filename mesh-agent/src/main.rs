@@ -2,13 +2,19 @@
 
 mod agent;
 mod capture;
+mod certs;
 mod config;
+mod destinations;
 mod endpoints;
+mod identity;
+mod live;
 mod metrics;
 mod netns;
+mod policy;
 mod preflight;
 mod proxy;
 mod tasks;
+mod tunnel;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +48,8 @@ enum Command {
         #[arg(long, env = "MESH_CONFIG")]
         config: PathBuf,
     },
+    /// Manage the trust anchor and issuer (offline operator commands; no root needed).
+    Trust(identity::cli::TrustArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,6 +69,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(agent::run(config))),
         Command::CheckConfig { config } => agent::check_config(&config),
+        Command::Trust(args) => identity::cli::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

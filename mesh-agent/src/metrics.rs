@@ -4,7 +4,9 @@
 //! path only touches atomics, and they are removed when the task is gone and its last connection
 //! has closed, so task churn cannot grow the series set without bound.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -43,6 +45,16 @@ pub enum ConnectErrorReason {
     no_original_dst,
     /// The original destination is the agent's own listener.
     loop_detected,
+    /// The destination's authorization policy refused the source (HTTP 403 from the peer).
+    denied,
+    /// The peer agent could not reach the destination (HTTP 503 from the peer).
+    upstream_unavailable,
+    /// The tunnel to the peer agent failed (connect, TLS handshake, HTTP/2).
+    tunnel,
+    /// The source task has no workload identity, so it cannot reach meshed destinations.
+    no_identity,
+    /// The destination is not meshed and `mesh.egress = "deny"`.
+    egress_denied,
     /// Anything else (socket creation failure, netns worker gone, ...).
     other,
 }
@@ -52,8 +64,82 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// Istio's standard TCP labels, so existing dashboards and queries work.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` on the client's agent, `destination` on the server's.
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_principal: String,
+    /// `mutual_tls` when carried by the tunnel (or between two meshed tasks of one node),
+    /// `none` for plain TCP.
+    pub connection_security_policy: &'static str,
+}
+
+/// What a principal label says when there is no identity.
+pub const UNKNOWN: &str = "unknown";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeErrorLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub reporter: &'static str,
+    pub source_principal: String,
+    pub destination_workload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnchorLabels {
+    pub anchor: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkloadCertLabels {
+    pub task: String,
+    pub principal: String,
+    pub anchor: String,
+}
+
+/// Counters of one proxied connection, from its reporter's point of view.
+#[derive(Clone)]
+pub struct TcpMetrics {
+    pub opened: Counter,
+    pub closed: Counter,
+    /// Bytes from the source to the destination (Istio: received during the request).
+    pub received_bytes: Counter,
+    /// Bytes from the destination back to the source (Istio: sent during the response).
+    pub sent_bytes: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tunnel_connections_opened: Family<DirectionLabels, Counter>,
+    tunnel_connections_active: Family<DirectionLabels, Gauge>,
+    tunnel_streams_opened: Family<DirectionLabels, Counter>,
+    tunnel_handshake_errors: Family<HandshakeErrorLabels, Counter>,
+    policy_denials: Family<DenialLabels, Counter>,
+    anchor_expiry: Family<AnchorLabels, Gauge>,
+    issuer_expiry: Family<AnchorLabels, Gauge>,
+    workload_cert_expiry: Family<WorkloadCertLabels, Gauge>,
+    /// The current series of each task's certificate, to replace it on renewal.
+    workload_cert_series: Mutex<HashMap<String, WorkloadCertLabels>>,
+    cert_renewal_failures: Family<TaskLabels, Counter>,
+    trust_reloads: Family<ReloadLabels, Counter>,
     captured: Family<TaskLabels, Counter>,
     opened: Family<TaskLabels, Counter>,
     closed: Family<TaskLabels, Counter>,
@@ -107,6 +193,21 @@ impl Metrics {
             tasks_meshed: Gauge::default(),
             reloads: Family::default(),
             registry: Registry::default(),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_received: Family::default(),
+            tcp_sent: Family::default(),
+            tunnel_connections_opened: Family::default(),
+            tunnel_connections_active: Family::default(),
+            tunnel_streams_opened: Family::default(),
+            tunnel_handshake_errors: Family::default(),
+            policy_denials: Family::default(),
+            anchor_expiry: Family::default(),
+            issuer_expiry: Family::default(),
+            workload_cert_expiry: Family::default(),
+            workload_cert_series: Mutex::new(HashMap::new()),
+            cert_renewal_failures: Family::default(),
+            trust_reloads: Family::default(),
         };
         let reg = &mut registry;
         reg.register(
@@ -159,6 +260,76 @@ impl Metrics {
             "Configuration reloads by result",
             m.reloads.clone(),
         );
+        reg.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened, by reporter, source and destination workload and principal",
+            m.tcp_opened.clone(),
+        );
+        reg.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed, same labels as istio_tcp_connections_opened",
+            m.tcp_closed.clone(),
+        );
+        reg.register(
+            "istio_tcp_received_bytes",
+            "Bytes from the source to the destination (the request direction)",
+            m.tcp_received.clone(),
+        );
+        reg.register(
+            "istio_tcp_sent_bytes",
+            "Bytes from the destination back to the source (the response direction)",
+            m.tcp_sent.clone(),
+        );
+        reg.register(
+            "mesh_tunnel_connections_opened",
+            "Mutual-TLS tunnel connections established (one TLS handshake each), by direction",
+            m.tunnel_connections_opened.clone(),
+        );
+        reg.register(
+            "mesh_tunnel_connections_active",
+            "Mutual-TLS tunnel connections currently open, by direction",
+            m.tunnel_connections_active.clone(),
+        );
+        reg.register(
+            "mesh_tunnel_streams_opened",
+            "CONNECT streams opened over tunnel connections (one per proxied connection)",
+            m.tunnel_streams_opened.clone(),
+        );
+        reg.register(
+            "mesh_tunnel_handshake_errors",
+            "Tunnel connections that failed before carrying a stream, by direction and reason",
+            m.tunnel_handshake_errors.clone(),
+        );
+        reg.register(
+            "mesh_policy_denials",
+            "Connections refused by authorization policy",
+            m.policy_denials.clone(),
+        );
+        reg.register(
+            "mesh_trust_anchor_expiry_timestamp_seconds",
+            "Expiry (Unix time) of each trust anchor in the loaded bundle",
+            m.anchor_expiry.clone(),
+        );
+        reg.register(
+            "mesh_issuer_expiry_timestamp_seconds",
+            "Expiry (Unix time) of the loaded issuer certificate, labelled by the anchor it chains to",
+            m.issuer_expiry.clone(),
+        );
+        reg.register(
+            "mesh_workload_cert_expiry_timestamp_seconds",
+            "Expiry (Unix time) of each task's current workload certificate",
+            m.workload_cert_expiry.clone(),
+        );
+        reg.register(
+            "mesh_workload_cert_renewal_failures",
+            "Failed workload certificate renewals (the previous certificate stays in use)",
+            m.cert_renewal_failures.clone(),
+        );
+        reg.register(
+            "mesh_trust_reloads",
+            "Reloads of the trust bundle and issuer files, by result",
+            m.trust_reloads.clone(),
+        );
         reg.register_collector(Box::new(KernelStats { capture }));
         Metrics { registry, ..m }
     }
@@ -202,6 +373,11 @@ impl Metrics {
             unreachable,
             no_original_dst,
             loop_detected,
+            denied,
+            upstream_unavailable,
+            tunnel,
+            no_identity,
+            egress_denied,
             other,
         ] {
             self.connect_errors.remove(&ConnectErrorLabels {
@@ -224,12 +400,131 @@ impl Metrics {
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
+    /// Counter handles for one connection's label set.
+    pub fn tcp(&self, labels: &TcpLabels) -> TcpMetrics {
+        TcpMetrics {
+            opened: self.tcp_opened.get_or_create(labels).clone(),
+            closed: self.tcp_closed.get_or_create(labels).clone(),
+            received_bytes: self.tcp_received.get_or_create(labels).clone(),
+            sent_bytes: self.tcp_sent.get_or_create(labels).clone(),
+        }
+    }
+
+    pub fn tunnel_connection_opened(&self, direction: &'static str) -> Gauge {
+        let l = DirectionLabels { direction };
+        self.tunnel_connections_opened.get_or_create(&l).inc();
+        let active = self.tunnel_connections_active.get_or_create(&l).clone();
+        active.inc();
+        active
+    }
+
+    pub fn tunnel_stream_opened(&self, direction: &'static str) {
+        self.tunnel_streams_opened
+            .get_or_create(&DirectionLabels { direction })
+            .inc();
+    }
+
+    pub fn tunnel_handshake_error(&self, direction: &'static str, reason: &'static str) {
+        self.tunnel_handshake_errors
+            .get_or_create(&HandshakeErrorLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn policy_denial(&self, reporter: &'static str, source: &str, destination: &str) {
+        self.policy_denials
+            .get_or_create(&DenialLabels {
+                reporter,
+                source_principal: source.to_owned(),
+                destination_workload: destination.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Replaces the trust material series: one per anchor, and the issuer's.
+    pub fn set_trust_expiry(
+        &self,
+        anchors: Vec<(String, SystemTime)>,
+        issuer: (String, SystemTime),
+    ) {
+        self.anchor_expiry.clear();
+        for (anchor, at) in anchors {
+            self.anchor_expiry
+                .get_or_create(&AnchorLabels { anchor })
+                .set(unix_seconds(at));
+        }
+        self.issuer_expiry.clear();
+        self.issuer_expiry
+            .get_or_create(&AnchorLabels { anchor: issuer.0 })
+            .set(unix_seconds(issuer.1));
+    }
+
+    pub fn set_workload_cert_expiry(
+        &self,
+        task: &str,
+        principal: &str,
+        anchor: &str,
+        at: SystemTime,
+    ) {
+        let labels = WorkloadCertLabels {
+            task: task.to_owned(),
+            principal: principal.to_owned(),
+            anchor: anchor.to_owned(),
+        };
+        let mut series = self
+            .workload_cert_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = series.insert(task.to_owned(), labels.clone())
+            && old != labels
+        {
+            self.workload_cert_expiry.remove(&old);
+        }
+        self.workload_cert_expiry
+            .get_or_create(&labels)
+            .set(unix_seconds(at));
+    }
+
+    pub fn forget_workload_cert(&self, task: &str) {
+        let mut series = self
+            .workload_cert_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = series.remove(task) {
+            self.workload_cert_expiry.remove(&old);
+        }
+        self.cert_renewal_failures.remove(&TaskLabels {
+            task: task.to_owned(),
+        });
+    }
+
+    pub fn cert_renewal_failure(&self, task: &str) {
+        self.cert_renewal_failures
+            .get_or_create(&TaskLabels {
+                task: task.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn trust_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.trust_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(4096);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
     }
 }
 

@@ -15,9 +15,11 @@ use tracing::{info, warn};
 
 use crate::capture::{Attachment, Capture};
 use crate::config::{AgentSettings, TaskSpec};
+use crate::identity::RoleArn;
 use crate::metrics::Metrics;
 use crate::netns::{NetnsWorker, netns_cookie};
-use crate::proxy::{ConnectionSet, OutboundContext, serve_outbound};
+use crate::proxy::{ConnectionSet, Mesh, OutboundContext, serve_outbound};
+use crate::tunnel::{InboundContext, serve_inbound};
 
 /// How long a listener keeps accepting after its task's programs were detached: connects the
 /// kernel redirected just before the detach are still in the accept queue.
@@ -38,6 +40,7 @@ pub struct TaskManager {
     cgroup2_root: PathBuf,
     capture: Arc<Capture>,
     metrics: Arc<Metrics>,
+    mesh: Arc<Mesh>,
     settings: AgentSettings,
     running: HashMap<String, RunningTask>,
     /// Every connection of every task, for the drain at shutdown.
@@ -50,13 +53,14 @@ impl TaskManager {
     pub fn new(
         cgroup2_root: PathBuf,
         capture: Arc<Capture>,
-        metrics: Arc<Metrics>,
+        mesh: Arc<Mesh>,
         settings: AgentSettings,
     ) -> TaskManager {
         TaskManager {
             cgroup2_root,
             capture,
-            metrics,
+            metrics: mesh.metrics.clone(),
+            mesh,
             settings,
             running: HashMap::new(),
             all_connections: TaskTracker::new(),
@@ -101,8 +105,31 @@ impl TaskManager {
     }
 
     async fn start(&self, spec: &TaskSpec) -> anyhow::Result<RunningTask> {
+        let started = self.start_inner(spec).await;
+        if started.is_err()
+            && let Some(certs) = &self.mesh.certs
+        {
+            certs.remove(&spec.id);
+        }
+        started
+    }
+
+    async fn start_inner(&self, spec: &TaskSpec) -> anyhow::Result<RunningTask> {
         let cgroup = self.resolve_cgroup(&spec.cgroup)?;
         let netns = Arc::new(NetnsWorker::spawn(&spec.id, &spec.netns_path())?);
+        let task_id: Arc<str> = spec.id.as_str().into();
+
+        // The workload identity, when the task has a role and the mesh has trust material.
+        let slot = match (&spec.role_arn, &self.mesh.certs) {
+            (Some(arn), Some(certs)) => {
+                let id = arn
+                    .parse::<RoleArn>()
+                    .context("role_arn")?
+                    .to_spiffe_id(certs.trust().trust_domain());
+                Some(certs.add(&spec.id, id)?)
+            }
+            _ => None,
+        };
 
         let port = self.settings.outbound_port;
         let v4_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
@@ -124,8 +151,10 @@ impl TaskManager {
         }
 
         let ctx = Arc::new(OutboundContext {
-            task_id: spec.id.as_str().into(),
-            netns,
+            task_id: task_id.clone(),
+            slot: slot.clone(),
+            mesh: self.mesh.clone(),
+            netns: netns.clone(),
             capture: self.capture.clone(),
             metrics: self.metrics.task(&spec.id),
             netns_cookie: cookie,
@@ -139,6 +168,37 @@ impl TaskManager {
             abort: self.abort_connections.clone(),
         };
         let ipv6 = v6.is_some();
+        // Until set-up succeeds, any early return stops what was already started.
+        let stop_on_error = stop_accepting.clone().drop_guard();
+
+        // The tunnel listener: where peer agents deliver connections for this task. Only a
+        // task with an identity can prove itself to them.
+        let mut tunnel_listener = None;
+        if let (Some(slot), Some(certs)) = (&slot, &self.mesh.certs) {
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.settings.tunnel_port));
+            let listener = netns.bind(addr).await.with_context(|| {
+                format!("cannot listen on the tunnel port {addr} in the task's netns")
+            })?;
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .context("cannot register the tunnel listener with the runtime")?;
+            let inbound = Arc::new(InboundContext {
+                task_id: task_id.clone(),
+                slot: slot.clone(),
+                certs: certs.clone(),
+                netns: netns.clone(),
+                addresses: spec.addresses.clone(),
+                mesh: self.mesh.clone(),
+                connect_timeout: self.settings.connect_timeout,
+                connections: connections.clone(),
+                tls: Default::default(),
+            });
+            tunnel_listener = Some(tokio::spawn(serve_inbound(
+                listener,
+                inbound,
+                stop_accepting.clone(),
+            )));
+        }
+
         let registered = std::iter::once(v4)
             .chain(v6)
             .map(tokio::net::TcpListener::from_std)
@@ -154,15 +214,11 @@ impl TaskManager {
                     connections.clone(),
                 ))
             })
+            .chain(tunnel_listener)
             .collect();
         // Last: from here on the task's connects arrive at the listeners above.
-        let attachment = match self.capture.attach(&cgroup, ipv6) {
-            Ok(a) => a,
-            Err(e) => {
-                stop_accepting.cancel();
-                return Err(e);
-            }
-        };
+        let attachment = self.capture.attach(&cgroup, ipv6)?;
+        stop_on_error.disarm();
         Ok(RunningTask {
             spec: spec.clone(),
             attachment,
@@ -180,6 +236,9 @@ impl TaskManager {
         };
         if let Err(e) = self.capture.detach(task.attachment) {
             warn!(task = %id, "{e:#}");
+        }
+        if let Some(certs) = &self.mesh.certs {
+            certs.remove(id);
         }
         tokio::time::sleep(ACCEPT_GRACE).await;
         task.stop_accepting.cancel();

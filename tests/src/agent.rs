@@ -201,6 +201,16 @@ impl Agent {
         Ok(metrics::value(&self.metrics()?, name, labels).unwrap_or(0.0))
     }
 
+    /// The sum of every sample called `name` whose labels include `labels` (0 if none).
+    pub fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(metrics::sum(&self.metrics()?, name, labels))
+    }
+
+    /// Every sample called `name` whose labels include `labels`.
+    pub fn samples(&self, name: &str, labels: &[(&str, &str)]) -> Result<Vec<metrics::Sample>> {
+        Ok(metrics::samples(&self.metrics()?, name, labels))
+    }
+
     /// Polls [`Agent::metric`] until `accept` holds for it, returning the last value; an
     /// error after `timeout` names the metric, its last value and the agent's log.
     /// Metrics update asynchronously (e.g. when a connection's last byte is copied), so
@@ -221,6 +231,31 @@ impl Agent {
             if Instant::now() >= deadline {
                 bail!(
                     "{name}{labels:?} is still {value} after {timeout:?}\n{}",
+                    self.log_tail(30)
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// [`Agent::wait_metric`] on the sum of every sample called `name` whose labels
+    /// include `labels` (e.g. a counter over every value of a label not given).
+    pub fn wait_metric_sum(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        timeout: Duration,
+        accept: impl Fn(f64) -> bool,
+    ) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric_sum(name, labels)?;
+            if accept(value) {
+                return Ok(value);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "sum of {name}{labels:?} is still {value} after {timeout:?}\n{}",
                     self.log_tail(30)
                 );
             }

@@ -23,11 +23,15 @@
 pub mod agent;
 pub mod cgroup;
 pub mod http;
+pub mod mesh;
 pub mod metrics;
 pub mod netns;
+pub mod pcap;
+pub mod pki;
 pub mod process;
 mod sweep;
 pub mod testkit;
+pub mod tls;
 pub mod topology;
 
 use std::path::{Path, PathBuf};
@@ -36,7 +40,7 @@ use anyhow::{Result, bail};
 
 pub use agent::{Agent, Launch};
 pub use process::{Process, run_ok, run_with_timeout};
-pub use testkit::{ServeMode, Server, Testkit};
+pub use testkit::{LoadClient, LoadReport, ServeMode, Server, Testkit};
 pub use topology::{Node, Task, Topology};
 
 /// Fails unless the process runs as root: namespaces, cgroups and eBPF all need it.

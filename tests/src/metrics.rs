@@ -31,6 +31,32 @@ pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .map(|s| s.value)
 }
 
+/// Every sample called exactly `name` whose labels include `labels`.
+pub fn samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<Sample> {
+    parse(text)
+        .into_iter()
+        .filter(|s| s.name == name && s.has_labels(labels))
+        .collect()
+}
+
+/// The sum over every sample called `name` whose labels include `labels` (0 if none):
+/// e.g. a counter across all values of a label not given.
+pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples(text, name, labels)
+        .iter()
+        .fold(0.0, |sum, s| sum + s.value)
+}
+
+impl Sample {
+    /// The value of label `key`, if the sample has it.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 fn parse_line(line: &str) -> Option<Sample> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
@@ -113,5 +139,10 @@ weird{path="a\"b,c}",x="1"} 1.5e3
             Some(1500.0)
         );
         assert_eq!(parse(TEXT).len(), 5);
+        assert_eq!(sum(TEXT, "mesh_connections_captured_total", &[]), 3.0);
+        assert_eq!(sum(TEXT, "nothing", &[]), 0.0);
+        let both = samples(TEXT, "mesh_connections_captured_total", &[]);
+        assert_eq!(both.len(), 2);
+        assert_eq!(both[1].label("task"), Some("b"));
     }
 }

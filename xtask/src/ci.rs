@@ -9,8 +9,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// What the integration tests use from the host: ip/bridge (iproute2), bpftool, curl,
-/// nsenter/unshare (util-linux) and tcpdump for captures of failing runs.
-const SYSTEM_PACKAGES: &[&str] = &["iproute2", "bpftool", "curl", "util-linux", "tcpdump"];
+/// nsenter/unshare (util-linux), tcpdump (proving the tunnel carries no clear text) and openssl
+/// (independent TLS probes of the tunnel listener).
+const SYSTEM_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "curl",
+    "util-linux",
+    "tcpdump",
+    "openssl",
+];
 const STEPS: usize = 7;
 
 pub fn run(root: &Path) -> Result<()> {

@@ -1,17 +1,21 @@
-//! `cargo xtask demo`: one simulated ECS node with two tasks and the real agent.
+//! `cargo xtask demo`: two simulated ECS nodes, three tasks and the real agent on each node.
 //!
-//! Task `b` runs a plain HTTP server (mesh-testkit) that answers with the address it saw
-//! the client as; task `a` runs an unmodified `curl`. The agent captures curl's connection
-//! in the kernel and carries it to b, so b sees a's address with the agent's new source
-//! port, and the agent's metrics count the connection. Everything the demo made
-//! (namespaces, cgroups, processes) is removed on the way out, also on failure.
+//! The operator step first: `mesh-agent trust init` makes the trust anchor and issuer. Then
+//! each node's agent meshes its tasks, minting a workload certificate per task from its IAM
+//! role. An unmodified `curl` in task `a` (node 1) calls an HTTP server in task `b` (node 2):
+//! the kernel captures the connect, node 1's agent carries it over mutual TLS to node 2's agent,
+//! which checks b's policy and delivers it. A second call goes to task `c` on a's own node (no
+//! network hop, same policy and metrics), and a call from `c` to `b`, which b's policy does
+//! not allow, is refused. Both agents' metrics are printed. Everything the demo made
+//! (namespaces, cgroups, processes, files) is removed on the way out, also on failure.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use mesh_testbed::{Agent, Launch, ServeMode, Testkit, Topology, run_ok};
+use anyhow::{Context, Result, ensure};
+use mesh_testbed::mesh::{MeshConfig, TrustDir, TrustInit, spiffe_id};
+use mesh_testbed::{Agent, Launch, ServeMode, Task, Testkit, Topology, run_ok};
 
 const SERVER_PORT: u16 = 8080;
 
@@ -19,77 +23,111 @@ pub fn run(workspace_root: &Path, agent_bin: &Path) -> Result<()> {
     // `cargo xtask demo` builds mesh-tests (debug) together with the agent.
     let kit = Testkit::new(workspace_root.join("target/debug/mesh-testkit"))?;
     let topology = Topology::new().context("building the demo topology")?;
-    let node = topology.add_node()?;
-    let a = node.add_task("a")?;
-    let b = node.add_task("b")?;
+    let node1 = topology.add_node()?;
+    let node2 = topology.add_node()?;
+    topology.link_nodes(&node1, &node2)?;
+    let a = node1.add_task("a")?;
+    let c = node1.add_task("c")?;
+    let b = node2.add_task("b")?;
     println!(
-        "node {} (bridge {}): task a = {}, task b = {}",
-        node.name(),
-        node.ip(),
+        "node1: task a = {}, task c = {}; node2: task b = {}",
         a.ip(),
+        c.ip(),
         b.ip()
     );
 
-    let server = kit.serve(
+    let trust = TrustDir::init_with(&topology, &TrustInit::default(), agent_bin)?;
+    println!(
+        "$ mesh-agent trust init --dir {} --trust-domain {}",
+        trust.dir().display(),
+        trust.trust_domain()
+    );
+
+    let b_server = kit.serve(
         &b,
         SocketAddr::new(b.ip().into(), SERVER_PORT),
         ServeMode::Http,
     )?;
-    let config = format!(
-        "[capture]\nmode = \"listed\"\ndestinations = [\"{}\"]\n\n{}\n{}",
-        node.subnet(),
-        a.config(),
-        b.config()
-    );
+    let c_server = kit.serve(
+        &c,
+        SocketAddr::new(c.ip().into(), SERVER_PORT),
+        ServeMode::Http,
+    )?;
+    let node1_config = MeshConfig::new(&trust)
+        .task(&a, "a")
+        .task(&c, "c")
+        .endpoint(&b, "b")
+        .render();
+    // b admits a only.
+    let node2_config = MeshConfig::new(&trust)
+        .task(&b, "b")
+        .endpoint(&a, "a")
+        .endpoint(&c, "c")
+        .policy("b", &[SERVER_PORT], &[&spiffe_id("a")])
+        .render();
     let launch = Launch {
         bin: agent_bin.to_path_buf(),
         ..Launch::default()
     };
-    let mut agent = Agent::start_with(&node, &config, &launch)?;
-    println!(
-        "agent ready (pid {}) with this config:\n{config}",
-        agent.pid()
+    let agent1 = Agent::start_with(&node1, &node1_config, &launch)?;
+    let agent2 = Agent::start_with(&node2, &node2_config, &launch)?;
+    println!("node2's agent config:\n{node2_config}");
+
+    let url = format!("http://{}/", b_server.addr());
+    let body = curl(&a, &url).context("curl in task a to task b")?;
+    println!("$ curl {url}   # in task a on node1, unmodified\n  {body}");
+    ensure!(
+        body.starts_with("peer="),
+        "unexpected answer from b: {body}\n{}",
+        agent1.log_tail(30)
     );
 
-    let url = format!("http://{}/", server.addr());
-    let mut curl = a.command("curl")?;
-    curl.args([
-        "-sS",
-        "--max-time",
-        "5",
-        "-w",
-        "curl's socket: %{local_ip}:%{local_port}\n",
-        &url,
-    ]);
-    let output = run_ok(&mut curl, Duration::from_secs(10)).context("curl in task a")?;
-    println!("$ curl {url}   # in task a, unmodified");
-    for line in output.lines() {
-        println!("  {line}");
-    }
-    // What proves the capture: curl's socket ended on loopback (the agent's listener in
-    // a's netns), yet b saw a's own address, from the socket the agent opened there.
-    anyhow::ensure!(
-        output.contains("curl's socket: 127.0.0.1:")
-            && output.starts_with(&format!("peer={}:", a.ip())),
-        "curl's connection was not carried by the agent\n{}",
-        agent.log_tail(30)
+    let url_c = format!("http://{}/", c_server.addr());
+    let body = curl(&a, &url_c).context("curl in task a to task c")?;
+    println!("$ curl {url_c}   # in task a, to task c on the same node\n  {body}");
+
+    let refused = c
+        .command("curl")?
+        .args(["-sS", "--max-time", "5", &url])
+        .output()
+        .context("curl in task c")?;
+    ensure!(
+        !refused.status.success(),
+        "c reached b although b's policy admits only a"
     );
     println!(
-        "curl connected to the agent's listener on loopback in task a; b saw task a's own \
-         address ({}) from the agent's socket",
-        a.ip()
+        "$ curl {url}   # in task c: refused by b's policy\n  {}",
+        String::from_utf8_lossy(&refused.stderr).trim()
     );
 
-    println!("agent metrics (mesh_*):");
-    for line in agent.metrics()?.lines().filter(|l| l.starts_with("mesh_")) {
-        println!("  {line}");
+    for (name, agent) in [("node1", &agent1), ("node2", &agent2)] {
+        println!("{name} agent metrics (per-hop, tunnel, policy, identity):");
+        let text = agent.metrics()?;
+        for line in text.lines().filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total")
+                || l.starts_with("mesh_tunnel_connections_opened_total")
+                || l.starts_with("mesh_policy_denials_total")
+                || l.starts_with("mesh_workload_cert_expiry_timestamp_seconds")
+        }) {
+            println!("  {line}");
+        }
     }
-    let status = agent.terminate()?;
-    println!("agent stopped: {status}; tearing down {}", topology.id());
-    anyhow::ensure!(
-        status.success(),
-        "agent exited with {status}\n{}",
-        agent.log_tail(30)
-    );
+    for mut agent in [agent1, agent2] {
+        let status = agent.terminate()?;
+        ensure!(
+            status.success(),
+            "agent exited with {status}\n{}",
+            agent.log_tail(30)
+        );
+    }
+    println!("agents stopped; tearing down {}", topology.id());
     Ok(())
+}
+
+fn curl(task: &Task, url: &str) -> Result<String> {
+    let mut curl = task.command("curl")?;
+    curl.args(["-sS", "--max-time", "5", url]);
+    Ok(run_ok(&mut curl, Duration::from_secs(10))?
+        .trim()
+        .to_owned())
 }

@@ -11,14 +11,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::Mesh;
 use super::splice::splice;
 use crate::capture::Capture;
-use crate::metrics::{ConnectErrorReason, TaskMetrics};
+use crate::certs::WorkloadSlot;
+use crate::destinations::Target;
+use crate::metrics::{ConnectErrorReason, TaskMetrics, TcpLabels, UNKNOWN};
 use crate::netns::NetnsWorker;
+use crate::policy::{Decision, role_of};
+use crate::tunnel::{Source, TunnelError, TunnelStream};
 
 /// Everything the outbound path of one task needs.
 pub struct OutboundContext {
     pub task_id: Arc<str>,
+    /// The task's workload certificate; `None` for a task without identity.
+    pub slot: Option<Arc<WorkloadSlot>>,
+    pub mesh: Arc<Mesh>,
     pub netns: Arc<NetnsWorker>,
     pub capture: Arc<Capture>,
     pub metrics: TaskMetrics,
@@ -92,25 +100,166 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         reset(client);
         return;
     }
-    let upstream = match connect(ctx, dst).await {
-        Ok(s) => s,
-        Err((reason, e)) => {
-            info!(task = %ctx.task_id, %peer, %dst, error = %e, "cannot connect to original destination");
-            m.connect_error(reason);
-            // A reset tells the application the connect failed, like a refused connect would.
+    let target = ctx.mesh.destinations().resolve(dst);
+    let source_principal = ctx
+        .slot
+        .as_ref()
+        .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string());
+    let mut labels = TcpLabels {
+        reporter: "source",
+        source_workload: ctx.task_id.to_string(),
+        source_principal,
+        destination_workload: UNKNOWN.to_owned(),
+        destination_principal: UNKNOWN.to_owned(),
+        connection_security_policy: "none",
+    };
+    let mut same_node = false;
+    let upstream: Upstream = match target {
+        Target::Refused => {
+            info!(task = %ctx.task_id, %dst, "destination is not meshed and egress is denied; connection refused");
+            m.connect_error(ConnectErrorReason::egress_denied);
             reset(client);
             return;
         }
+        Target::Passthrough => match connect(ctx, dst).await {
+            Ok(s) => Upstream::Direct(s),
+            Err(failure) => return refuse_unreachable(ctx, client, dst, failure),
+        },
+        Target::Local(local) if ctx.mesh.certs.is_none() => {
+            // Capture only (no [identity]): another task of the node, carried as plain TCP.
+            labels.destination_workload = local.task.to_string();
+            match connect(ctx, dst).await {
+                Ok(s) => Upstream::Direct(s),
+                Err(failure) => return refuse_unreachable(ctx, client, dst, failure),
+            }
+        }
+        Target::Local(local) => {
+            let Some(slot) = &ctx.slot else {
+                return refuse_without_identity(ctx, client, dst);
+            };
+            labels.destination_workload = local.task.to_string();
+            labels.destination_principal = local
+                .identity
+                .as_ref()
+                .map_or_else(|| UNKNOWN.to_owned(), |i| i.to_string());
+            labels.connection_security_policy = "mutual_tls";
+            same_node = true;
+            // Same node: no network hop, but the destination's policy still applies.
+            if let Decision::Deny { by_default } =
+                ctx.mesh
+                    .authorizer()
+                    .check(slot.id(), &local.task, dst.port())
+            {
+                info!(source = %labels.source_principal, source_role = %role_of(slot.id()), destination = %local.task, %dst, by_default, "connection denied by authorization policy");
+                ctx.mesh.metrics.policy_denial(
+                    "destination",
+                    &labels.source_principal,
+                    &local.task,
+                );
+                m.connect_error(ConnectErrorReason::denied);
+                reset(client);
+                return;
+            }
+            match connect(ctx, dst).await {
+                Ok(s) => Upstream::Direct(s),
+                Err(failure) => return refuse_unreachable(ctx, client, dst, failure),
+            }
+        }
+        Target::Remote(remote) => {
+            let (Some(slot), Some(pool)) = (&ctx.slot, &ctx.mesh.pool) else {
+                return refuse_without_identity(ctx, client, dst);
+            };
+            labels.destination_workload = remote.name.to_string();
+            labels.destination_principal = remote.identity.to_string();
+            labels.connection_security_policy = "mutual_tls";
+            let source = Source {
+                task: &ctx.task_id,
+                slot,
+                netns: &ctx.netns,
+            };
+            let tunnel_peer = SocketAddr::new(dst.ip(), remote.tunnel_port);
+            match pool.open(source, &remote.identity, tunnel_peer, dst).await {
+                Ok(stream) => Upstream::Tunnel(stream),
+                Err(e) => {
+                    let reason = match &e {
+                        TunnelError::Denied(_) => {
+                            ctx.mesh.metrics.policy_denial(
+                                "source",
+                                &labels.source_principal,
+                                &remote.name,
+                            );
+                            ConnectErrorReason::denied
+                        }
+                        TunnelError::Unavailable => ConnectErrorReason::upstream_unavailable,
+                        _ => ConnectErrorReason::tunnel,
+                    };
+                    info!(task = %ctx.task_id, %dst, destination = %remote.identity, error = %e, "cannot open a tunnel stream");
+                    m.connect_error(reason);
+                    reset(client);
+                    return;
+                }
+            }
+        }
     };
     let _ = client.set_nodelay(true);
+    let tcp = ctx.mesh.metrics.tcp(&labels);
+    // A hop between two tasks of this node is reported by both ends, as two agents would.
+    let peer_side = same_node.then(|| {
+        ctx.mesh.metrics.tcp(&TcpLabels {
+            reporter: "destination",
+            ..labels.clone()
+        })
+    });
     m.opened.inc();
     m.active.inc();
+    tcp.opened.inc();
+    if let Some(d) = &peer_side {
+        d.opened.inc();
+    }
     debug!(task = %ctx.task_id, %peer, %dst, "proxying");
-    if let Err(e) = splice(client, upstream, &m.sent_bytes, &m.received_bytes).await {
+    let mut up = vec![&m.sent_bytes, &tcp.received_bytes];
+    let mut down = vec![&m.received_bytes, &tcp.sent_bytes];
+    if let Some(d) = &peer_side {
+        up.push(&d.received_bytes);
+        down.push(&d.sent_bytes);
+    }
+    let result = match upstream {
+        Upstream::Direct(s) => splice(client, s, &up, &down).await,
+        Upstream::Tunnel(t) => splice(client, t.io, &up, &down).await,
+    };
+    if let Err(e) = result {
         debug!(task = %ctx.task_id, %peer, %dst, error = %e, "connection ended with an error");
     }
     m.active.dec();
     m.closed.inc();
+    tcp.closed.inc();
+    if let Some(d) = &peer_side {
+        d.closed.inc();
+    }
+}
+
+enum Upstream {
+    Direct(TcpStream),
+    Tunnel(TunnelStream),
+}
+
+/// The direct connect failed: a reset tells the application, as a refused connect would.
+fn refuse_unreachable(
+    ctx: &OutboundContext,
+    client: TcpStream,
+    dst: SocketAddr,
+    (reason, e): (ConnectErrorReason, io::Error),
+) {
+    info!(task = %ctx.task_id, %dst, error = %e, "cannot connect to the destination");
+    ctx.metrics.connect_error(reason);
+    reset(client);
+}
+
+/// A task without a workload identity cannot prove who it is to a meshed destination.
+fn refuse_without_identity(ctx: &OutboundContext, client: TcpStream, dst: SocketAddr) {
+    info!(task = %ctx.task_id, %dst, "task has no workload identity (no role); meshed destinations are refused");
+    ctx.metrics.connect_error(ConnectErrorReason::no_identity);
+    reset(client);
 }
 
 /// Connects to `dst` from inside the task's netns, so the destination sees the task's own

@@ -14,8 +14,9 @@ const BUFFER_SIZE: usize = 16 * 1024;
 /// sending (EOF), the other side's write half is shut down and the opposite direction keeps
 /// flowing, so a client that half-closes still gets the whole response. A side that stops
 /// reading stalls the copy towards it (backpressure) instead of buffering without bound.
-/// Bytes read from `a` are added to `a_to_b` as they flow, likewise `b_to_a`.
-pub async fn splice<A, B>(a: A, b: B, a_to_b: &Counter, b_to_a: &Counter) -> io::Result<()>
+/// Bytes read from `a` are added to every counter of `a_to_b` as they flow, likewise `b_to_a`
+/// (a connection may be reported under several label sets).
+pub async fn splice<A, B>(a: A, b: B, a_to_b: &[&Counter], b_to_a: &[&Counter]) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -35,7 +36,7 @@ where
 /// Counts the bytes read through it; writes pass straight through.
 struct Metered<'c, S> {
     inner: S,
-    read: &'c Counter,
+    read: &'c [&'c Counter],
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
@@ -48,7 +49,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.read.inc_by(n as u64);
+            for c in self.read {
+                c.inc_by(n as u64);
+            }
         }
         res
     }
@@ -85,7 +88,7 @@ mod tests {
         let (proxy_b, server) = tokio::io::duplex(1024);
         let (up, down) = (Counter::default(), Counter::default());
         let (u, d) = (up.clone(), down.clone());
-        let proxy = tokio::spawn(async move { splice(proxy_a, proxy_b, &u, &d).await });
+        let proxy = tokio::spawn(async move { splice(proxy_a, proxy_b, &[&u], &[&d]).await });
 
         let server = tokio::spawn(async move {
             let mut server = server;

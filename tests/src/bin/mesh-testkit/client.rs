@@ -2,7 +2,9 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, Barrier};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -19,6 +21,19 @@ enum Mode {
     Echo { send: u64 },
     Concurrent { connections: usize, send: u64 },
     Hold { seconds: u64 },
+    Load(Load),
+}
+
+/// `--mode load`: requests in a loop until the stop file exists.
+struct Load {
+    stop_file: PathBuf,
+    /// Workers that each open a new connection per request (one echo of `send` bytes).
+    workers: usize,
+    /// Connections held open for the whole run, one echoed message per request.
+    long_lived: usize,
+    send: u64,
+    /// Pause between two requests of one worker.
+    interval: Duration,
 }
 
 pub struct Options {
@@ -57,6 +72,22 @@ impl Options {
                     seconds: args.required("seconds")?,
                 },
             ),
+            "load" => (
+                &[
+                    "stop-file",
+                    "workers",
+                    "long-lived",
+                    "send-bytes",
+                    "interval-ms",
+                ],
+                Mode::Load(Load {
+                    stop_file: args.required("stop-file")?,
+                    workers: args.optional("workers")?.unwrap_or(2),
+                    long_lived: args.optional("long-lived")?.unwrap_or(1),
+                    send: args.optional("send-bytes")?.unwrap_or(1024),
+                    interval: Duration::from_millis(args.optional("interval-ms")?.unwrap_or(20)),
+                }),
+            ),
             other => return Err(format!("unknown client mode {other:?}")),
         };
         let mut all = vec!["connect", "mode", "timeout"];
@@ -93,6 +124,7 @@ pub fn run(opts: Options) -> Result<()> {
             let messages = hold(stream, Duration::from_secs(seconds))?;
             format!("messages={messages} {addrs}")
         }
+        Mode::Load(ref load) => load_run(&opts, load)?,
     };
     println!("ok {summary} elapsed_ms={}", started.elapsed().as_millis());
     Ok(())
@@ -256,6 +288,130 @@ fn hold(mut stream: TcpStream, duration: Duration) -> Result<u64> {
         rest.len()
     );
     Ok(sent)
+}
+
+/// Counts of a load run, shared by its workers.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    started: Option<Instant>,
+}
+
+impl Tally {
+    fn success(&self) {
+        self.ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a failed request and reports it on stdout at once (the harness reads it).
+    fn failure(&self, what: &str, error: &anyhow::Error) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let at = self.started.map(|s| s.elapsed().as_millis()).unwrap_or(0);
+        print_line(&format!("failure t_ms={at} {what}: {error:#}"));
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "ok={} failed={}",
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// One line on stdout, flushed (stdout is a pipe, hence block-buffered); lines of
+/// different threads never interleave.
+fn print_line(line: &str) {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _serial = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Runs requests until `load.stop_file` exists; prints `progress ok=N failed=M` every
+/// 250 ms and one `failure ...` line per failed request. Fails if any request failed.
+fn load_run(opts: &Options, load: &Load) -> Result<String> {
+    let tally = Arc::new(Tally {
+        started: Some(Instant::now()),
+        ..Tally::default()
+    });
+    let stop = || load.stop_file.exists();
+    thread::scope(|scope| {
+        for worker in 0..load.workers {
+            let tally = &tally;
+            scope.spawn(move || {
+                let mut request = 0u64;
+                while !stop() {
+                    match connect(opts).and_then(|(stream, _)| echo(stream, load.send)) {
+                        Ok(()) => tally.success(),
+                        Err(e) => tally.failure(&format!("worker {worker} request {request}"), &e),
+                    }
+                    request += 1;
+                    thread::sleep(load.interval);
+                }
+            });
+        }
+        for held in 0..load.long_lived {
+            let tally = &tally;
+            scope.spawn(move || long_lived(opts, held, tally, &stop));
+        }
+        scope.spawn(|| {
+            while !stop() {
+                print_line(&format!("progress {}", tally.line()));
+                thread::sleep(Duration::from_millis(250));
+            }
+        });
+    });
+    let summary = tally.line();
+    print_line(&format!("progress {summary}"));
+    let failed = tally.failed.load(Ordering::Relaxed);
+    ensure!(failed == 0, "{failed} requests failed ({summary})");
+    Ok(format!("load {summary}"))
+}
+
+/// One connection held for the whole run: a fixed-width message echoed every 100 ms is
+/// one request. After a failure the connection is replaced.
+fn long_lived(opts: &Options, held: usize, tally: &Tally, stop: &dyn Fn() -> bool) {
+    let what = |n: u64| format!("long-lived {held} message {n}");
+    let mut sent = 0u64;
+    while !stop() {
+        let mut stream = match connect(opts) {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tally.failure(&what(sent), &e);
+                sent += 1;
+                thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let outcome = (|| -> Result<()> {
+            while !stop() {
+                let message = format!("load {held:04} {sent:012}\n");
+                stream.write_all(message.as_bytes())?;
+                let mut echoed = vec![0u8; message.len()];
+                read_exact(&mut stream, &mut echoed)?;
+                ensure!(echoed == message.as_bytes(), "came back altered");
+                tally.success();
+                sent += 1;
+                thread::sleep(Duration::from_millis(100));
+            }
+            // A clean end: our FIN through, the echo server's FIN back, nothing else.
+            stream.shutdown(Shutdown::Write)?;
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest)?;
+            ensure!(
+                rest.is_empty(),
+                "{} unexpected bytes at the end",
+                rest.len()
+            );
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            tally.failure(&what(sent), &e);
+            sent += 1;
+        }
+    }
 }
 
 /// `read`, but a timeout reads as a clear error rather than `WouldBlock`.

@@ -4,29 +4,39 @@
 //! it only moves deterministic bytes and checks that they arrive intact.
 //!
 //! ```text
-//! mesh-testkit serve  --listen ADDR --mode http|echo|halfclose [--reply-bytes N]
+//! mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose [--reply-bytes N]
 //! mesh-testkit client --connect ADDR --mode halfclose --send-bytes N --expect-bytes M
 //! mesh-testkit client --connect ADDR --mode echo --send-bytes N
 //! mesh-testkit client --connect ADDR --mode concurrent --connections C --send-bytes K
 //! mesh-testkit client --connect ADDR --mode hold --seconds S
+//! mesh-testkit client --connect ADDR --mode load --stop-file PATH [--workers W]
+//!                     [--long-lived L] [--send-bytes K] [--interval-ms I]
+//! mesh-testkit mint   --issuer ISSUER_PEM | --new-ca true  --spiffe-id ID
+//!                     [--validity current|expired] --dir DIR [--stem NAME]
 //! ```
 //! Every client mode also takes `--timeout SECS` (default 30): no single connect, read or
 //! write may block longer, so a broken path fails instead of hanging. Exit status: 0 on
 //! success (with one `ok ...` summary line on stdout), 1 on failure (reason on stderr),
-//! 2 on bad arguments.
+//! 2 on bad arguments. `load` also prints `progress ok=N failed=M` every 250 ms and one
+//! `failure t_ms=T <what>: <error>` line per failed request, as they happen; it stops
+//! once the stop file exists and fails if any request failed.
 
 mod args;
 mod client;
+mod mint;
 mod pattern;
 mod serve;
 
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  mesh-testkit serve  --listen ADDR --mode http|echo|halfclose [--reply-bytes N]
-  mesh-testkit client --connect ADDR --mode halfclose|echo|concurrent|hold
+  mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose [--reply-bytes N]
+  mesh-testkit client --connect ADDR --mode halfclose|echo|concurrent|hold|load
                       [--send-bytes N] [--expect-bytes M] [--connections C] [--seconds S]
-                      [--timeout SECS]";
+                      [--stop-file PATH] [--workers W] [--long-lived L] [--interval-ms I]
+                      [--timeout SECS]
+  mesh-testkit mint   --issuer ISSUER_PEM | --new-ca true  --spiffe-id ID
+                      [--validity current|expired] --dir DIR [--stem NAME]";
 
 fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
@@ -35,12 +45,13 @@ fn main() -> ExitCode {
     let outcome = match (command.as_deref(), parsed) {
         (Some("serve"), Ok(args)) => serve::Options::from_args(&args).map(serve::run),
         (Some("client"), Ok(args)) => client::Options::from_args(&args).map(client::run),
+        (Some("mint"), Ok(args)) => mint::Options::from_args(&args).map(mint::run),
         (Some("-h" | "--help"), _) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
         (_, Err(e)) => Err(e),
-        _ => Err("expected a subcommand: serve or client".to_string()),
+        _ => Err("expected a subcommand: serve, client or mint".to_string()),
     };
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -14,6 +14,8 @@ use crate::pattern::{Pattern, SERVER_SEED};
 enum Mode {
     /// Answer any request with `peer=<ip:port>`: the address the server saw the client as.
     Http,
+    /// Like `Http`, and the body also has `request=<the request line>`.
+    HttpEcho,
     /// Echo full duplex; pass the client's half-close on.
     Echo,
     /// Read to EOF, then send the SHA-256 of what was read and `reply_bytes` pattern bytes.
@@ -31,6 +33,7 @@ impl Options {
         let reply_bytes = args.optional::<u64>("reply-bytes")?;
         let mode = match args.required::<String>("mode")?.as_str() {
             "http" => Mode::Http,
+            "httpecho" => Mode::HttpEcho,
             "echo" => Mode::Echo,
             "halfclose" => Mode::HalfClose {
                 reply_bytes: reply_bytes.unwrap_or(0),
@@ -78,13 +81,14 @@ pub fn run(opts: Options) -> Result<()> {
 
 fn handle(stream: TcpStream, mode: Mode) -> Result<()> {
     match mode {
-        Mode::Http => http(stream),
+        Mode::Http => http(stream, false),
+        Mode::HttpEcho => http(stream, true),
         Mode::Echo => echo(stream),
         Mode::HalfClose { reply_bytes } => half_close(stream, reply_bytes),
     }
 }
 
-fn http(mut stream: TcpStream) -> Result<()> {
+fn http(mut stream: TcpStream, echo_request: bool) -> Result<()> {
     // Read the request head (or whatever arrives before EOF); its content does not matter.
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -95,7 +99,11 @@ fn http(mut stream: TcpStream) -> Result<()> {
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let body = format!("peer={}\n", stream.peer_addr()?);
+    let mut body = format!("peer={}\n", stream.peer_addr()?);
+    if echo_request {
+        let head = String::from_utf8_lossy(&head);
+        body += &format!("request={}\n", head.lines().next().unwrap_or_default());
+    }
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

@@ -1,0 +1,277 @@
+//! Destination resolution: what a captured connection's original destination is.
+//!
+//! For now from the configuration only: the addresses of this node's tasks and the static
+//! `[[endpoints]]` (meshed workloads elsewhere). Anything else is not meshed and follows the
+//! egress policy. DNS and ECS discovery later feed the same table.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+
+use crate::config::{Config, Egress};
+use crate::identity::{RoleArn, SpiffeId, TrustDomain};
+
+/// Where a connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A task of this node: no network hop, but policy and metrics as for any meshed hop.
+    Local(Arc<LocalWorkload>),
+    /// A meshed workload behind a peer agent.
+    Remote(Arc<RemoteWorkload>),
+    /// Not meshed: plain TCP, as without the mesh.
+    Passthrough,
+    /// Not meshed, and the egress policy refuses it.
+    Refused,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct LocalWorkload {
+    pub task: Arc<str>,
+    /// `None` for a task without a role.
+    pub identity: Option<SpiffeId>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct RemoteWorkload {
+    /// `destination_workload` in metrics.
+    pub name: Arc<str>,
+    /// The identity the peer agent must prove for this workload.
+    pub identity: SpiffeId,
+    /// The tunnel port of the peer agent; the tunnel goes to `<destination ip>:<port>`.
+    pub tunnel_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Destinations {
+    by_ip: HashMap<IpAddr, Target>,
+    /// Workload names by identity, to label the source of inbound connections.
+    workloads: HashMap<SpiffeId, Arc<str>>,
+    egress: Egress,
+}
+
+impl Destinations {
+    /// Builds the table from the configuration; errors name the offending entry.
+    pub fn new(config: &Config) -> anyhow::Result<Destinations> {
+        let trust_domain = config
+            .identity
+            .as_ref()
+            .map(|i| TrustDomain::from_str(&i.trust_domain))
+            .transpose()
+            .context("identity.trust_domain")?;
+        let mut by_ip = HashMap::new();
+        let mut workloads = HashMap::new();
+        for task in &config.tasks {
+            let task_id: Arc<str> = task.id.as_str().into();
+            let identity = match (&task.role_arn, &trust_domain) {
+                (Some(arn), Some(td)) => Some(RoleArn::from_str(arn)?.to_spiffe_id(td)),
+                _ => None,
+            };
+            if let Some(id) = &identity {
+                workloads
+                    .entry(id.clone())
+                    .or_insert_with(|| task_id.clone());
+            }
+            let local = Arc::new(LocalWorkload {
+                task: task_id,
+                identity,
+            });
+            for ip in &task.addresses {
+                if by_ip.insert(*ip, Target::Local(local.clone())).is_some() {
+                    bail!("address {ip} belongs to more than one task");
+                }
+            }
+        }
+        for (i, e) in config.endpoints.iter().enumerate() {
+            let Some(td) = &trust_domain else {
+                bail!(
+                    "endpoints[{i}] (`{}`): meshed endpoints need an [identity] section",
+                    e.name
+                );
+            };
+            if e.name.is_empty() {
+                bail!("endpoints[{i}].name must not be empty");
+            }
+            if e.addresses.is_empty() {
+                bail!("endpoints[{i}] (`{}`) lists no addresses", e.name);
+            }
+            let identity = match (&e.role_arn, &e.identity) {
+                (Some(arn), None) => RoleArn::from_str(arn)
+                    .with_context(|| format!("endpoints[{i}].role_arn"))?
+                    .to_spiffe_id(td),
+                (None, Some(id)) => {
+                    let id = SpiffeId::from_str(id)
+                        .with_context(|| format!("endpoints[{i}].identity"))?;
+                    if id.trust_domain() != td {
+                        bail!("endpoints[{i}].identity `{id}` is outside the trust domain `{td}`");
+                    }
+                    id
+                }
+                _ => bail!(
+                    "endpoints[{i}] (`{}`) needs exactly one of `role_arn` or `identity`",
+                    e.name
+                ),
+            };
+            let tunnel_port = e.tunnel_port.unwrap_or(config.agent.tunnel_port);
+            if tunnel_port == 0 {
+                bail!("endpoints[{i}].tunnel_port must not be 0");
+            }
+            workloads
+                .entry(identity.clone())
+                .or_insert_with(|| e.name.as_str().into());
+            let workload = Arc::new(RemoteWorkload {
+                name: e.name.as_str().into(),
+                identity,
+                tunnel_port,
+            });
+            for ip in &e.addresses {
+                if by_ip
+                    .insert(*ip, Target::Remote(workload.clone()))
+                    .is_some()
+                {
+                    bail!(
+                        "endpoints[{i}] (`{}`): address {ip} is already a task or another endpoint",
+                        e.name
+                    );
+                }
+            }
+        }
+        Ok(Destinations {
+            by_ip,
+            workloads,
+            egress: config.mesh.egress,
+        })
+    }
+
+    pub fn resolve(&self, dst: SocketAddr) -> Target {
+        let ip = match dst.ip() {
+            // A dual-stack socket connecting to a v4 destination shows it v4-mapped.
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match self.by_ip.get(&ip) {
+            Some(t) => t.clone(),
+            None if self.egress == Egress::Deny => Target::Refused,
+            None => Target::Passthrough,
+        }
+    }
+
+    /// The workload name of an identity, when the configuration knows it.
+    pub fn workload_of(&self, id: &SpiffeId) -> Option<Arc<str>> {
+        self.workloads.get(id).cloned()
+    }
+
+    /// Every meshed address: the capture rules must include them.
+    pub fn meshed_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.by_ip.keys().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::parse(&format!(
+            r#"
+            [identity]
+            trust_domain = "mesh.test"
+            bundle = "/b.pem"
+            issuer = "/i.pem"
+
+            [[tasks]]
+            id = "a"
+            cgroup = "x/a"
+            pid = 1
+            addresses = ["198.18.1.2"]
+            role_arn = "arn:aws:iam::111122223333:role/a"
+            {extra}
+            "#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn resolves_local_remote_and_the_rest() {
+        let c = config(
+            r#"
+            [[endpoints]]
+            name = "b"
+            addresses = ["198.18.2.2"]
+            role_arn = "arn:aws:iam::111122223333:role/b"
+            [[endpoints]]
+            name = "c"
+            addresses = ["198.18.2.3"]
+            identity = "spiffe://mesh.test/custom/c"
+            tunnel_port = 16008
+            "#,
+        );
+        let d = Destinations::new(&c).unwrap();
+        let at = |s: &str| d.resolve(s.parse().unwrap());
+        let Target::Local(a) = at("198.18.1.2:80") else {
+            panic!("a is local")
+        };
+        assert_eq!(&*a.task, "a");
+        assert_eq!(
+            a.identity.as_ref().unwrap().to_string(),
+            "spiffe://mesh.test/aws/111122223333/role/a"
+        );
+        assert_eq!(at("[::ffff:198.18.1.2]:80"), Target::Local(a));
+        let Target::Remote(b) = at("198.18.2.2:8080") else {
+            panic!("b is remote")
+        };
+        assert_eq!(
+            b.identity.to_string(),
+            "spiffe://mesh.test/aws/111122223333/role/b"
+        );
+        assert_eq!(b.tunnel_port, 15008);
+        let Target::Remote(c) = at("198.18.2.3:1") else {
+            panic!("c is remote")
+        };
+        assert_eq!(c.tunnel_port, 16008);
+        assert_eq!(at("198.18.9.9:80"), Target::Passthrough);
+        assert_eq!(d.meshed_addresses().count(), 3);
+    }
+
+    #[test]
+    fn egress_deny_refuses_the_rest() {
+        let mut c = config("");
+        c.mesh.egress = Egress::Deny;
+        let d = Destinations::new(&c).unwrap();
+        assert_eq!(
+            d.resolve("203.0.113.1:443".parse().unwrap()),
+            Target::Refused
+        );
+    }
+
+    #[test]
+    fn bad_endpoints_are_rejected_by_config_validation() {
+        for (extra, needle) in [
+            (
+                "[[endpoints]]\nname = \"b\"\naddresses = [\"198.18.2.2\"]",
+                "exactly one of",
+            ),
+            (
+                "[[endpoints]]\nname = \"b\"\naddresses = [\"198.18.1.2\"]\nidentity = \"spiffe://mesh.test/b\"",
+                "already a task",
+            ),
+            (
+                "[[endpoints]]\nname = \"b\"\naddresses = [\"198.18.2.2\"]\nidentity = \"spiffe://other/b\"",
+                "outside the trust domain",
+            ),
+            (
+                "[[endpoints]]\nname = \"b\"\naddresses = []\nidentity = \"spiffe://mesh.test/b\"",
+                "no addresses",
+            ),
+        ] {
+            let text = format!(
+                "[identity]\ntrust_domain = \"mesh.test\"\nbundle = \"/b\"\nissuer = \"/i\"\n\
+                 [[tasks]]\nid = \"a\"\ncgroup = \"x\"\npid = 1\naddresses = [\"198.18.1.2\"]\n{extra}"
+            );
+            let err = format!("{:#}", Config::parse(&text).unwrap_err());
+            assert!(err.contains(needle), "`{extra}` gave `{err}`");
+        }
+    }
+}

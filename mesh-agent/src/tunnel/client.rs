@@ -1,0 +1,320 @@
+//! The dialling side of the tunnel: HTTP/2 CONNECT streams over pooled mutual-TLS connections.
+//!
+//! A pooled connection is keyed by (source task, source identity, destination identity, peer
+//! address): it authenticates exactly one pair of identities, so it can never carry a stream
+//! for another workload. Many streams share one connection; a connection with no stream for
+//! `idle_timeout` is closed. After the trust material changes, new streams go over new
+//! connections (made with the new chain) while the old ones finish their streams and idle out.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::client::conn::http2;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpSocket;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info};
+
+use super::tls;
+use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
+use crate::certs::{Certs, WorkloadSlot};
+use crate::identity::SpiffeId;
+use crate::metrics::Metrics;
+use crate::netns::NetnsWorker;
+
+/// Streams per connection before another connection to the same peer is opened: keeps one
+/// busy connection from becoming a head-of-line bottleneck.
+const MAX_STREAMS_PER_CONNECTION: usize = 100;
+
+/// Why a tunnel stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("the destination's policy denied the connection (HTTP {0})")]
+    Denied(StatusCode),
+    #[error("the peer agent could not reach the destination (HTTP 503)")]
+    Unavailable,
+    #[error("the peer agent answered HTTP {0}")]
+    Status(StatusCode),
+    #[error("cannot connect to the peer agent at {peer}: {source}")]
+    Connect { peer: SocketAddr, source: io::Error },
+    #[error("TLS handshake with the peer agent at {peer} failed: {source}")]
+    Handshake { peer: SocketAddr, source: io::Error },
+    #[error("HTTP/2 with the peer agent failed: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Who dials: the source task's identity and netns.
+pub struct Source<'a> {
+    pub task: &'a Arc<str>,
+    pub slot: &'a Arc<WorkloadSlot>,
+    pub netns: &'a NetnsWorker,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct PoolKey {
+    task: Arc<str>,
+    source: SpiffeId,
+    destination: SpiffeId,
+    peer: SocketAddr,
+}
+
+struct Connection {
+    sender: http2::SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+    generation: u64,
+}
+
+impl Connection {
+    fn usable(&self, generation: u64) -> bool {
+        !self.sender.is_closed()
+            && self.generation == generation
+            && self.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Vec<Connection>>>;
+
+pub struct Pool {
+    certs: Arc<Certs>,
+    metrics: Arc<Metrics>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    entries: Mutex<HashMap<PoolKey, Slot>>,
+}
+
+/// An open stream: the upgraded CONNECT tunnel. Counts as a stream of its connection until
+/// dropped.
+pub struct TunnelStream {
+    pub io: TokioIo<Upgraded>,
+    _guard: StreamGuard,
+}
+
+struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        *self.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    pub fn new(
+        certs: Arc<Certs>,
+        metrics: Arc<Metrics>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            certs,
+            metrics,
+            connect_timeout,
+            idle_timeout,
+            entries: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(reap(Arc::downgrade(&pool)));
+        pool
+    }
+
+    /// Opens a stream to `target` through the peer agent at `peer`, which must prove
+    /// `destination`.
+    pub async fn open(
+        &self,
+        source: Source<'_>,
+        destination: &SpiffeId,
+        peer: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<TunnelStream, TunnelError> {
+        let key = PoolKey {
+            task: source.task.clone(),
+            source: source.slot.id().clone(),
+            destination: destination.clone(),
+            peer,
+        };
+        let slot = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let (mut sender, guard) = {
+            // Holding the key's lock while dialling makes concurrent first connects share one
+            // handshake instead of racing to open many.
+            let mut connections = slot.lock().await;
+            let generation = self.certs.generation();
+            connections.retain(|c| !c.sender.is_closed());
+            let index = match connections.iter().position(|c| c.usable(generation)) {
+                Some(i) => i,
+                None => {
+                    let c = self.dial(&source, destination, peer, generation).await?;
+                    connections.push(c);
+                    connections.len() - 1
+                }
+            };
+            let c = &connections[index];
+            c.streams.fetch_add(1, Ordering::Relaxed);
+            let guard = StreamGuard {
+                streams: c.streams.clone(),
+                last_used: c.last_used.clone(),
+            };
+            (c.sender.clone(), guard)
+        };
+        self.metrics.tunnel_stream_opened("outbound");
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::new())
+            .map_err(|e| TunnelError::Other(e.to_string()))?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        match response.status() {
+            StatusCode::OK => {}
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                return Err(TunnelError::Denied(s));
+            }
+            StatusCode::SERVICE_UNAVAILABLE => return Err(TunnelError::Unavailable),
+            s => return Err(TunnelError::Status(s)),
+        }
+        let upgraded = hyper::upgrade::on(response).await?;
+        Ok(TunnelStream {
+            io: TokioIo::new(upgraded),
+            _guard: guard,
+        })
+    }
+
+    async fn dial(
+        &self,
+        source: &Source<'_>,
+        destination: &SpiffeId,
+        peer: SocketAddr,
+        generation: u64,
+    ) -> Result<Connection, TunnelError> {
+        let result = self.dial_inner(source, destination, peer, generation).await;
+        if let Err(e) = &result {
+            let reason = match e {
+                TunnelError::Connect { .. } => "connect",
+                TunnelError::Handshake { .. } => "tls",
+                TunnelError::Http(_) => "http2",
+                _ => "other",
+            };
+            self.metrics.tunnel_handshake_error("outbound", reason);
+        }
+        result
+    }
+
+    async fn dial_inner(
+        &self,
+        source: &Source<'_>,
+        destination: &SpiffeId,
+        peer: SocketAddr,
+        generation: u64,
+    ) -> Result<Connection, TunnelError> {
+        let connect_error = |e: io::Error| TunnelError::Connect { peer, source: e };
+        // From the source task's netns: the peer sees the task's address, and the task's
+        // routes and security groups apply as they would without the mesh.
+        let socket = source
+            .netns
+            .tcp_socket(peer.is_ipv6())
+            .await
+            .map_err(|e| connect_error(io::Error::other(format!("{e:#}"))))?;
+        let socket = TcpSocket::from_std_stream(socket);
+        let _ = socket.set_nodelay(true);
+        let tcp = tokio::time::timeout(self.connect_timeout, socket.connect(peer))
+            .await
+            .map_err(|_| connect_error(io::Error::new(io::ErrorKind::TimedOut, "timed out")))?
+            .map_err(connect_error)?;
+
+        let config =
+            tls::client_config(self.certs.trust(), source.slot.clone(), destination.clone())
+                .map_err(|e| TunnelError::Other(e.to_string()))?;
+        let connector = TlsConnector::from(Arc::new(config));
+        let server_name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, tcp))
+            .await
+            .map_err(|_| TunnelError::Handshake {
+                peer,
+                source: io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+            })?
+            .map_err(|e| TunnelError::Handshake { peer, source: e })?;
+
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .handshake(TokioIo::new(tls))
+            .await?;
+        let active = self.metrics.tunnel_connection_opened("outbound");
+        info!(task = %source.task, source = %source.slot.id(), destination = %destination, %peer, "tunnel connection established");
+        tokio::spawn(drive(connection, active, peer));
+        Ok(Connection {
+            sender,
+            streams: Arc::new(AtomicUsize::new(0)),
+            last_used: Arc::new(Mutex::new(Instant::now())),
+            generation,
+        })
+    }
+
+    /// Drops connections idle for longer than the idle timeout, and closed ones.
+    fn reap_idle(&self) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.retain(|_, slot| {
+            // A key being dialled right now is kept as is.
+            let Ok(mut connections) = slot.try_lock() else {
+                return true;
+            };
+            connections.retain(|c| {
+                let idle = c.streams.load(Ordering::Relaxed) == 0
+                    && c.last_used
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .elapsed()
+                        >= self.idle_timeout;
+                !idle && !c.sender.is_closed()
+            });
+            !connections.is_empty()
+        });
+    }
+}
+
+async fn drive<C>(connection: C, active: Gauge, peer: SocketAddr)
+where
+    C: std::future::Future<Output = Result<(), hyper::Error>>,
+{
+    if let Err(e) = connection.await {
+        debug!(%peer, error = %e, "tunnel connection ended with an error");
+    } else {
+        debug!(%peer, "tunnel connection closed");
+    }
+    active.dec();
+}
+
+async fn reap(pool: std::sync::Weak<Pool>) {
+    loop {
+        let every = match pool.upgrade() {
+            Some(p) => {
+                (p.idle_timeout / 4).clamp(Duration::from_millis(250), Duration::from_secs(30))
+            }
+            None => return,
+        };
+        tokio::time::sleep(every).await;
+        match pool.upgrade() {
+            Some(p) => p.reap_idle(),
+            None => return,
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The mutual-TLS tunnel between agents: HBONE-style HTTP/2 CONNECT over TLS 1.3.
+//!
+//! The dialling agent presents the source task's workload certificate and requires the
+//! destination's expected identity; the receiving agent presents the destination task's
+//! certificate, requires an identity of the trust domain, authorizes each stream and connects
+//! it to its target (`:authority` = the target's `ip:port`) from inside the destination task's
+//! netns. Status 200 means connected, 403 denied by policy, 503 target unreachable.
+
+mod client;
+mod server;
+mod tls;
+
+use std::time::Duration;
+
+pub use client::{Pool, Source, TunnelError, TunnelStream};
+pub use server::{InboundContext, serve_inbound};
+
+/// TLS handshake deadline, both directions: a peer that stalls mid-handshake holds a socket
+/// and a task, so it gets a short leash.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 flow-control windows. The defaults (64 KiB) would cap one stream at 64 KiB per round
+/// trip; these let a single stream fill a fast link while still bounding per-stream buffering.
+const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;

@@ -1,0 +1,258 @@
+//! Mutual TLS 1.3 for the tunnel: rustls configurations and the SPIFFE-aware certificate checks.
+//!
+//! rustls's stock verifiers check DNS names or IP addresses; workload certificates carry only a
+//! SPIFFE URI. So both sides verify the chain with webpki against the current trust bundle and
+//! then check the SPIFFE id: the client requires exactly the destination identity it expects,
+//! the server requires an identity of its trust domain (authorization decides the rest, per
+//! request). Certificates are picked per handshake from the workload slot, so a renewed leaf is
+//! used by the next handshake without rebuilding anything.
+
+use std::sync::Arc;
+
+use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    ServerConfig, SignatureScheme,
+};
+
+use crate::certs::{Trust, WorkloadSlot};
+use crate::identity::{SpiffeId, spiffe_id_of_cert};
+
+/// ALPN of the tunnel: HTTP/2 (CONNECT streams).
+const ALPN_H2: &[u8] = b"h2";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The client side of a tunnel connection from `source` to a peer that must prove `expected`.
+pub fn client_config(
+    trust: Arc<Trust>,
+    source: Arc<WorkloadSlot>,
+    expected: SpiffeId,
+) -> Result<ClientConfig, rustls::Error> {
+    let provider = provider();
+    let verifier = Arc::new(PeerVerifier {
+        algs: provider.signature_verification_algorithms,
+        trust,
+        expected: Some(expected),
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(SlotCert(source)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// The server side of the tunnel listener of the task owning `slot`.
+pub fn server_config(
+    trust: Arc<Trust>,
+    slot: Arc<WorkloadSlot>,
+) -> Result<ServerConfig, rustls::Error> {
+    let provider = provider();
+    let verifier = Arc::new(PeerVerifier {
+        algs: provider.signature_verification_algorithms,
+        trust,
+        expected: None,
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(SlotCert(slot)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// The identity the peer proved during the handshake.
+pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
+    let leaf = conn.peer_certificates()?.first()?;
+    spiffe_id_of_cert(leaf).ok()
+}
+
+/// Presents the slot's current workload certificate.
+#[derive(Debug)]
+struct SlotCert(Arc<WorkloadSlot>);
+
+impl ResolvesServerCert for SlotCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.certified_key())
+    }
+}
+
+impl ResolvesClientCert for SlotCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Chain to the trust bundle, then the SPIFFE id: exactly `expected` when set (the client
+/// checking its destination), else any id of the trust domain (the server checking a client).
+#[derive(Debug)]
+struct PeerVerifier {
+    algs: WebPkiSupportedAlgorithms,
+    trust: Arc<Trust>,
+    expected: Option<SpiffeId>,
+}
+
+impl PeerVerifier {
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        cert.verify_for_usage(
+            self.algs.all,
+            self.trust.anchors(),
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(pki_error)?;
+        let id = spiffe_id_of_cert(end_entity).map_err(|e| other(e.to_string()))?;
+        if id.trust_domain() != self.trust.trust_domain() {
+            return Err(other(format!(
+                "peer identity {id} is outside the trust domain {}",
+                self.trust.trust_domain()
+            )));
+        }
+        if let Some(expected) = &self.expected
+            && &id != expected
+        {
+            return Err(other(format!("peer identity is {id}, expected {expected}")));
+        }
+        Ok(id)
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Only TLS 1.3 is enabled; rustls never gets here.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+fn other(msg: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+        std::io::Error::other(msg),
+    ))))
+}
+
+/// webpki's verdicts in rustls's terms, so the alert sent to the peer says what was wrong.
+fn pki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error::*;
+    let ce = match e {
+        BadDer | BadDerTime => CertificateError::BadEncoding,
+        CertExpired { .. } => CertificateError::Expired,
+        CertNotValidYet { .. } => CertificateError::NotValidYet,
+        UnknownIssuer => CertificateError::UnknownIssuer,
+        InvalidSignatureForPublicKey | UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            CertificateError::BadSignature
+        }
+        RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        e => return other(format!("certificate rejected: {e}")),
+    };
+    rustls::Error::InvalidCertificate(ce)
+}

@@ -1,0 +1,893 @@
+//! Acceptance of "Workload identity and the mutual-TLS tunnel between nodes": two linked
+//! nodes, an agent on each, task `a` on node 1 (198.18.1.2, role `a`) and task `b` on
+//! node 2 (198.18.2.2, role `b`), one trust directory made by `mesh-agent trust init`.
+//!
+//! These tests need root, cgroup v2, iproute2, curl, openssl and tcpdump, and the agent
+//! binary (`MESH_AGENT_BIN`, else target/debug/mesh-agent). Without them they fail, with
+//! the reason; they never skip. Every negative check has a positive control in the same
+//! test: a probe that must be refused is run beside one that must be accepted.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{ChildStdin, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use mesh_testbed::mesh::{
+    MeshConfig, TUNNEL_PORT, TrustDir, TrustInit, role_arn, spiffe_id, spiffe_id_in, wait_for,
+};
+use mesh_testbed::pcap::LinkCapture;
+use mesh_testbed::pki::{CertFiles, TestCa, Validity};
+use mesh_testbed::testkit::LoadOptions;
+use mesh_testbed::tls::{ProbeReport, TlsProbe, TlsVersion, Verdict};
+use mesh_testbed::{
+    Agent, LoadClient, Node, Process, ServeMode, Task, Testkit, Topology, netns, require_root,
+    require_tools, run_with_timeout,
+};
+
+const SHORT: Duration = Duration::from_secs(10);
+/// How long a metric may lag behind what it counts.
+const METRIC_LAG: Duration = Duration::from_secs(5);
+/// How long an agent may take to notice a changed trust file (polled every 500 ms) and
+/// act on it.
+const TRUST_LAG: Duration = Duration::from_secs(15);
+
+const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
+const TCP_SENT: &str = "istio_tcp_sent_bytes_total";
+const TUNNEL_OPENED: &str = "mesh_tunnel_connections_opened_total";
+const STREAMS_OPENED: &str = "mesh_tunnel_streams_opened_total";
+const HANDSHAKE_ERRORS: &str = "mesh_tunnel_handshake_errors_total";
+const DENIALS: &str = "mesh_policy_denials_total";
+const ANCHOR_EXPIRY: &str = "mesh_trust_anchor_expiry_timestamp_seconds";
+const ISSUER_EXPIRY: &str = "mesh_issuer_expiry_timestamp_seconds";
+const LEAF_EXPIRY: &str = "mesh_workload_cert_expiry_timestamp_seconds";
+const RELOADS: &str = "mesh_config_reloads_total";
+
+/// Two linked nodes with task `a` on node 1 and task `b` on node 2, and a trust directory.
+struct Mesh {
+    // Field order is drop order: nothing here outlives the topology.
+    kit: Testkit,
+    trust: TrustDir,
+    a: Task,
+    b: Task,
+    n1: Node,
+    n2: Node,
+    topology: Topology,
+}
+
+impl Mesh {
+    /// Node 1's agent config: task `a` (role `a`), endpoint `b` (role `b`).
+    fn node1(&self) -> MeshConfig {
+        MeshConfig::new(&self.trust)
+            .task(&self.a, "a")
+            .endpoint(&self.b, "b")
+    }
+
+    /// Node 2's agent config: task `b` (role `b`), endpoint `a` (role `a`).
+    fn node2(&self) -> MeshConfig {
+        MeshConfig::new(&self.trust)
+            .task(&self.b, "b")
+            .endpoint(&self.a, "a")
+    }
+}
+
+/// Runs `body` on a fresh two-node mesh. An error fails the test by panicking while the
+/// topology still exists, so the teardown prints the agents' logs and keeps them on disk.
+fn with_mesh(init: TrustInit, body: impl FnOnce(&Mesh) -> Result<()>) {
+    let m = mesh(init).unwrap_or_else(|e| panic!("test prerequisites: {e:#}"));
+    if let Err(e) = body(&m) {
+        panic!("{e:?}");
+    }
+}
+
+fn mesh(init: TrustInit) -> Result<Mesh> {
+    require_root()?;
+    require_tools(&["ip", "curl", "openssl", "tcpdump"])?;
+    let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
+    let topology = Topology::new()?;
+    let n1 = topology.add_node()?;
+    let n2 = topology.add_node()?;
+    topology.link_nodes(&n1, &n2)?;
+    let a = n1.add_task("a")?;
+    let b = n2.add_task("b")?;
+    let trust = TrustDir::init(&topology, &init)?;
+    Ok(Mesh {
+        kit,
+        trust,
+        a,
+        b,
+        n1,
+        n2,
+        topology,
+    })
+}
+
+fn addr(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+/// What curl did.
+struct Curl {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl Curl {
+    fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "curl exit {:?} after {:?}; stdout: {:?}; stderr: {:?}",
+            self.code,
+            self.elapsed,
+            self.stdout.trim(),
+            self.stderr.trim()
+        )
+    }
+}
+
+/// `curl -sS --max-time 5 URL EXTRA...` inside `task` (so the agent captures it).
+fn curl(task: &Task, url: &str, extra: &[&str]) -> Result<Curl> {
+    let mut command = task.command("curl")?;
+    command
+        .args(["-sS", "--max-time", "5"])
+        .args(extra)
+        .arg(url);
+    let started = Instant::now();
+    let out = run_with_timeout(&mut command, SHORT)?;
+    Ok(Curl {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Fails with curl's output unless it succeeded.
+fn curl_ok(task: &Task, url: &str, extra: &[&str]) -> Result<String> {
+    let c = curl(task, url, extra)?;
+    ensure!(
+        c.ok(),
+        "curl {url} in task {} failed: {}",
+        task.id(),
+        c.describe()
+    );
+    Ok(c.stdout)
+}
+
+/// A marker no packet contains by chance.
+fn marker(what: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{what}-{}-{nanos:09}", std::process::id())
+}
+
+fn mtls_labels<'a>(
+    reporter: &'a str,
+    source: &'a str,
+    destination: &'a str,
+) -> [(&'a str, &'a str); 4] {
+    [
+        ("reporter", reporter),
+        ("source_principal", source),
+        ("destination_principal", destination),
+        ("connection_security_policy", "mutual_tls"),
+    ]
+}
+
+/// A request from task a reaches b's server through the tunnel: it works, only TLS on
+/// port 15008 crosses the link between the nodes (the marker in the request and the
+/// response never appears there, while a control datagram does), and both agents report
+/// the connection with both SPIFFE identities as mutual TLS.
+#[test]
+fn request_crosses_nodes_encrypted_with_both_identities_reported() {
+    with_mesh(TrustInit::default(), |m| {
+        let server = m
+            .kit
+            .serve(&m.b, addr(m.b.ip(), 8080), ServeMode::HttpEcho)?;
+        let agent1 = Agent::start(&m.n1, &m.node1().render())?;
+        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
+
+        let capture = LinkCapture::start(&m.n1, "to-node2")?;
+        // Control: a datagram sent in clear across the same link must show up in the
+        // capture, so the absence of the secret below means something.
+        let control = marker("mesh-control");
+        let dst = addr(m.b.ip(), 9);
+        netns::run_in(&m.n1.netns_path(), || -> std::io::Result<()> {
+            UdpSocket::bind("0.0.0.0:0")?.send_to(control.as_bytes(), dst)?;
+            Ok(())
+        })??;
+        let secret = marker("mesh-secret");
+        let body = curl_ok(
+            &m.a,
+            &format!("http://{}/{secret}", server.addr()),
+            &["-H", &format!("X-Secret: {secret}")],
+        )?;
+        let pcap = capture.stop()?;
+        println!("response: {body:?}");
+        ensure!(
+            body.contains(&format!("request=GET /{secret} ")),
+            "the server's answer does not carry the request's marker: {body:?}"
+        );
+
+        ensure!(
+            pcap.contains(control.as_bytes()),
+            "the control marker sent in clear is not in the capture: the capture is blind"
+        );
+        ensure!(
+            !pcap.contains(secret.as_bytes()),
+            "the marker crossed the link in clear text ({})",
+            m.topology.dir().display()
+        );
+        let (on_tunnel, with_data) = pcap.tcp_port_counts(TUNNEL_PORT);
+        println!(
+            "link capture: {} frames, {on_tunnel} TCP packets on port {TUNNEL_PORT} ({with_data} with data), TCP ports seen: {:?}",
+            pcap.frames,
+            pcap.tcp_ports()
+        );
+        ensure!(
+            with_data >= 2,
+            "no data on port {TUNNEL_PORT} crossed the link ({on_tunnel} packets): the request did not go through the tunnel"
+        );
+        let (app_port, _) = pcap.tcp_port_counts(8080);
+        ensure!(
+            app_port == 0,
+            "{app_port} packets to or from the application port 8080 crossed the link: traffic bypassed the tunnel"
+        );
+
+        // Both agents saw a mutual-TLS connection between the two identities.
+        let source = mtls_labels("source", &id_a, &id_b);
+        agent1.wait_metric(TCP_OPENED, &source, METRIC_LAG, |v| v >= 1.0)?;
+        agent1.wait_metric(
+            TCP_OPENED,
+            &[
+                ("reporter", "source"),
+                ("source_workload", "a"),
+                ("destination_workload", "b"),
+            ],
+            METRIC_LAG,
+            |v| v >= 1.0,
+        )?;
+        let destination = mtls_labels("destination", &id_a, &id_b);
+        agent2.wait_metric(TCP_OPENED, &destination, METRIC_LAG, |v| v >= 1.0)?;
+        agent1.wait_metric(TCP_SENT, &source, METRIC_LAG, |v| v > 0.0)?;
+        // Control of the labels: nothing was reported as plain TCP.
+        for (agent, reporter) in [(&agent1, "source"), (&agent2, "destination")] {
+            let plain = agent.metric_sum(
+                TCP_OPENED,
+                &[
+                    ("reporter", reporter),
+                    ("connection_security_policy", "none"),
+                ],
+            )?;
+            ensure!(
+                plain == 0.0,
+                "{} reported {plain} plain-TCP connections",
+                agent.node().name()
+            );
+        }
+        Ok(())
+    })
+}
+
+/// b's tunnel listener accepts only mutual TLS 1.3 with a current leaf of the mesh's
+/// trust domain: without a client certificate, with a leaf of another CA, of another
+/// trust domain (minted by the real issuer), expired, or over TLS 1.2, the handshake is
+/// refused; the same probe with a valid leaf is accepted and answered in HTTP/2, before
+/// and after the refusals.
+#[test]
+fn tunnel_refuses_clients_without_a_valid_identity() {
+    with_mesh(TrustInit::default(), |m| {
+        let _agent1 = Agent::start(&m.n1, &m.node1().render())?;
+        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let dir = m.topology.dir().join("probe-certs");
+        let issuer = m.trust.issuer_ca()?;
+        let valid = issuer.mint(&spiffe_id("a"), Validity::Current, &dir, "valid")?;
+        let other_domain = issuer.mint(
+            &spiffe_id_in("other.test", "a"),
+            Validity::Current,
+            &dir,
+            "other-domain",
+        )?;
+        let expired = issuer.mint(&spiffe_id("a"), Validity::Expired, &dir, "expired")?;
+        let other_ca = TestCa::self_signed("not the mesh")?.mint(
+            &spiffe_id("a"),
+            Validity::Current,
+            &dir,
+            "other-ca",
+        )?;
+
+        let target = addr(m.b.ip(), TUNNEL_PORT);
+        // Probes run on node 1's host namespace (outside every task) and cross the link,
+        // verifying b's certificate against the bundle.
+        let base = TlsProbe::new(target).verify_server(m.trust.bundle());
+        let probe = |name: &str, probe: &TlsProbe| -> Result<ProbeReport> {
+            let report = probe.run(m.n1.command("openssl")?)?;
+            println!("{name}: {}", report.summary());
+            Ok(report)
+        };
+        let expect_accepted = |name: &str, report: &ProbeReport| -> Result<()> {
+            ensure!(
+                report.verdict == Verdict::AcceptedHttp2
+                    && report.protocol.as_deref() == Some("TLSv1.3"),
+                "{name}: a valid leaf over TLS 1.3 must be accepted and answered in HTTP/2: {report}"
+            );
+            Ok(())
+        };
+
+        let inbound = [("direction", "inbound")];
+        let errors_before = agent2.metric_sum(HANDSHAKE_ERRORS, &inbound)?;
+        let opened_before = agent2.metric_sum(TUNNEL_OPENED, &inbound)?;
+
+        let first = probe("valid leaf (before)", &base.clone().client_cert(&valid))?;
+        expect_accepted("valid leaf (before)", &first)?;
+
+        let refused: [(&str, TlsProbe); 5] = [
+            ("no client certificate", base.clone()),
+            ("leaf of another CA", base.clone().client_cert(&other_ca)),
+            (
+                "leaf of another trust domain",
+                base.clone().client_cert(&other_domain),
+            ),
+            ("expired leaf", base.clone().client_cert(&expired)),
+            (
+                "TLS 1.2 with a valid leaf",
+                base.clone().client_cert(&valid).version(TlsVersion::Tls12),
+            ),
+        ];
+        let mut failures = Vec::new();
+        for (name, p) in &refused {
+            let report = probe(name, p)?;
+            if report.verdict != Verdict::Rejected {
+                failures.push(format!("{name}: must be refused: {report}"));
+            }
+        }
+
+        let last = probe("valid leaf (after)", &base.clone().client_cert(&valid))?;
+        expect_accepted("valid leaf (after)", &last)?;
+        ensure!(failures.is_empty(), "{}", failures.join("\n"));
+
+        let errors = agent2.wait_metric_sum(HANDSHAKE_ERRORS, &inbound, METRIC_LAG, |v| {
+            v >= errors_before + refused.len() as f64
+        });
+        let by_reason: Vec<String> = agent2
+            .samples(HANDSHAKE_ERRORS, &inbound)?
+            .iter()
+            .map(|s| format!("{}={}", s.label("reason").unwrap_or("?"), s.value))
+            .collect();
+        println!(
+            "inbound handshake errors on node 2: {}",
+            by_reason.join(" ")
+        );
+        errors.with_context(|| {
+            format!(
+                "{} refused probes, handshake errors by reason: {}",
+                refused.len(),
+                by_reason.join(" ")
+            )
+        })?;
+        // One tunnel connection per completed handshake: the two valid probes only.
+        let opened = agent2.metric_sum(TUNNEL_OPENED, &inbound)? - opened_before;
+        ensure!(
+            opened == 2.0,
+            "inbound tunnel connections opened during the probes: {opened}, expected 2 (the valid ones)"
+        );
+        Ok(())
+    })
+}
+
+/// A policy on node 2 that allows only role `c` refuses task a (quickly, as a reset)
+/// while it lets task c (also on node 1) through; once node 2's config allows a, the
+/// same agent process lets a through.
+#[test]
+fn policy_denies_a_source_until_a_reload_allows_it() {
+    with_mesh(TrustInit::default(), |m| {
+        let c = m.n1.add_task("c")?;
+        let server = m.kit.serve(&m.b, addr(m.b.ip(), 8080), ServeMode::Http)?;
+        let url = format!("http://{}/", server.addr());
+        let _agent1 = Agent::start(&m.n1, &m.node1().task(&c, "c").render())?;
+        let only_c = m
+            .node2()
+            .endpoint(&c, "c")
+            .policy("b", &[8080], &[&spiffe_id("c")]);
+        let mut agent2 = Agent::start(&m.n2, &only_c.render())?;
+        let pid = agent2.pid();
+        let (id_a, id_c) = (spiffe_id("a"), spiffe_id("c"));
+        let denied_a = [
+            ("reporter", "destination"),
+            ("source_principal", id_a.as_str()),
+            ("destination_workload", "b"),
+        ];
+
+        // Control: the policy lets its allowed source through, so b is reachable.
+        curl_ok(&c, &url, &[]).context("task c is allowed by the policy")?;
+        agent2.wait_metric(
+            TCP_OPENED,
+            &mtls_labels("destination", &id_c, &spiffe_id("b")),
+            METRIC_LAG,
+            |v| v >= 1.0,
+        )?;
+
+        let denials = agent2.metric(DENIALS, &denied_a)?;
+        let refused = curl(&m.a, &url, &[])?;
+        println!("a before the reload: {}", refused.describe());
+        ensure!(
+            !refused.ok(),
+            "task a reached b despite the policy: {}",
+            refused.describe()
+        );
+        ensure!(
+            refused.code != Some(28) && refused.elapsed < Duration::from_secs(1),
+            "a denied connection must fail fast (a reset), not time out: {}",
+            refused.describe()
+        );
+        agent2.wait_metric(DENIALS, &denied_a, METRIC_LAG, |v| v > denials)?;
+
+        // Allow a by its SPIFFE id (and c by its role ARN), without restarting the agent.
+        let reloads = agent2.metric(RELOADS, &[("result", "success")])?;
+        let both = m
+            .node2()
+            .endpoint(&c, "c")
+            .policy("b", &[8080], &[&id_a, &role_arn("c")]);
+        agent2.reload(&both.render())?;
+        agent2.wait_metric(RELOADS, &[("result", "success")], METRIC_LAG, |v| {
+            v > reloads
+        })?;
+        let denials_after = agent2.metric(DENIALS, &denied_a)?;
+        curl_ok(&m.a, &url, &[]).context("task a after the policy allows it")?;
+        curl_ok(&c, &url, &[]).context("task c, allowed by role ARN")?;
+        ensure!(agent2.pid() == pid && agent2.exit_status()?.is_none());
+        ensure!(
+            agent2.metric(DENIALS, &denied_a)? == denials_after,
+            "a was counted as denied after the reload allowed it"
+        );
+        Ok(())
+    })
+}
+
+/// 20 sequential and then 20 concurrent connections from a to b share one pooled
+/// tunnel connection per direction, each carried as its own stream.
+#[test]
+fn connections_share_one_pooled_tunnel_connection() {
+    with_mesh(TrustInit::default(), |m| {
+        let echo = m.kit.serve(&m.b, addr(m.b.ip(), 9001), ServeMode::Echo)?;
+        let agent1 = Agent::start(&m.n1, &m.node1().render())?;
+        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let (outbound, inbound) = ([("direction", "outbound")], [("direction", "inbound")]);
+        // Control: nothing opened a tunnel connection before the traffic.
+        ensure!(agent1.metric_sum(TUNNEL_OPENED, &outbound)? == 0.0);
+        ensure!(agent2.metric_sum(TUNNEL_OPENED, &inbound)? == 0.0);
+
+        let small = ["--mode", "echo", "--send-bytes", "4096", "--timeout", "5"];
+        for i in 0..20 {
+            m.kit
+                .run_client(&m.a, echo.addr(), &small, SHORT)
+                .with_context(|| format!("sequential connection {i}"))?;
+        }
+        let summary = m.kit.run_client(
+            &m.a,
+            echo.addr(),
+            &[
+                "--mode",
+                "concurrent",
+                "--connections",
+                "20",
+                "--send-bytes",
+                "65536",
+                "--timeout",
+                "10",
+            ],
+            Duration::from_secs(30),
+        )?;
+        println!("concurrent: {summary}");
+
+        let streams_out =
+            agent1.wait_metric_sum(STREAMS_OPENED, &outbound, METRIC_LAG, |v| v >= 40.0)?;
+        let streams_in =
+            agent2.wait_metric_sum(STREAMS_OPENED, &inbound, METRIC_LAG, |v| v >= 40.0)?;
+        let conns_out = agent1.metric_sum(TUNNEL_OPENED, &outbound)?;
+        let conns_in = agent2.metric_sum(TUNNEL_OPENED, &inbound)?;
+        println!(
+            "streams: {streams_out} outbound, {streams_in} inbound; tunnel connections: {conns_out} outbound, {conns_in} inbound"
+        );
+        ensure!(
+            conns_out == 1.0 && conns_in == 1.0,
+            "40 connections used {conns_out} outbound / {conns_in} inbound tunnel connections, expected 1"
+        );
+        Ok(())
+    })
+}
+
+/// The three steps of a trust rotation (add the new anchor, switch the issuer, drop
+/// the old anchor), each awaited on both agents through their metrics, while task a
+/// sends requests to b without pause: not one fails.
+#[test]
+fn trust_rotation_under_load_fails_no_request() {
+    let init = TrustInit {
+        propagation_delay: Some("1s".into()),
+        max_leaf_lifetime: Some("6s".into()),
+        clock_skew: Some("0s".into()),
+        ..TrustInit::default()
+    };
+    with_mesh(init, |m| {
+        let echo = m.kit.serve(&m.b, addr(m.b.ip(), 9001), ServeMode::Echo)?;
+        let agent1 = Agent::start(&m.n1, &m.node1().workload_cert_ttl("6s").render())?;
+        let agent2 = Agent::start(&m.n2, &m.node2().workload_cert_ttl("6s").render())?;
+        let agents = [&agent1, &agent2];
+        let old = m.trust.anchor_ids()?;
+        ensure!(old.len() == 1, "trust init wrote {} anchors", old.len());
+        let old = old[0].clone();
+        for agent in agents {
+            wait_trust_state(agent, &[&old], &old)?;
+        }
+
+        let mut load = LoadClient::start(&m.kit, &m.a, echo.addr(), &LoadOptions::default())?;
+        load.wait_for_successes(20, SHORT)?;
+        let started = Instant::now();
+
+        // 1. add-anchor: the bundle holds old and new; leaves still chain to the old one.
+        rotate(&m.trust, "add-anchor", SHORT)?;
+        let ids = m.trust.anchor_ids()?;
+        let new = ids
+            .iter()
+            .find(|id| **id != old)
+            .with_context(|| format!("no new anchor in the bundle after add-anchor: {ids:?}"))?
+            .clone();
+        ensure!(ids.len() == 2, "bundle after add-anchor: {ids:?}");
+        for agent in agents {
+            wait_trust_state(agent, &[&old, &new], &old)?;
+        }
+        load.wait_for_successes(20, SHORT)?;
+        println!("{:?}: add-anchor seen by both agents", started.elapsed());
+
+        // 2. switch-issuer (allowed once the propagation delay has passed): every leaf
+        // is re-issued by the new issuer and chains to the new anchor.
+        rotate(&m.trust, "switch-issuer", SHORT)?;
+        for agent in agents {
+            wait_trust_state(agent, &[&old, &new], &new)?;
+        }
+        load.wait_for_successes(20, SHORT)?;
+        println!("{:?}: switch-issuer seen by both agents", started.elapsed());
+
+        // 3. drop-old-anchor (allowed max-leaf-lifetime after the switch).
+        rotate(&m.trust, "drop-old-anchor", Duration::from_secs(20))?;
+        ensure!(m.trust.anchor_ids()? == vec![new.clone()]);
+        for agent in agents {
+            wait_trust_state(agent, &[&new], &new)?;
+        }
+        println!(
+            "{:?}: drop-old-anchor seen by both agents",
+            started.elapsed()
+        );
+
+        // Keep the load on across at least one more leaf renewal (ttl 6 s: every 3 s).
+        thread::sleep(Duration::from_secs(4));
+        load.wait_for_successes(20, SHORT)?;
+        let report = load.stop()?;
+        println!(
+            "load over {:?}: {} ok, {} failed",
+            started.elapsed(),
+            report.ok,
+            report.failed
+        );
+        ensure!(
+            report.failed == 0 && report.failures.is_empty(),
+            "{} requests failed during the rotation:\n{}\n{}",
+            report.failed,
+            report.failures.join("\n"),
+            report.stderr
+        );
+        ensure!(report.status.is_some_and(|s| s.success()), "{report:?}");
+        // The load really went through the tunnel (zero failures of plain TCP would prove
+        // nothing): node 2 saw mutual-TLS connections from a, many of them.
+        let id_a = spiffe_id("a");
+        let id_b = spiffe_id("b");
+        let tunnelled = agent2.metric(TCP_OPENED, &mtls_labels("destination", &id_a, &id_b))?;
+        ensure!(
+            tunnelled >= 20.0,
+            "only {tunnelled} mutual-TLS connections from a reached node 2 during the load"
+        );
+
+        let status = m.trust.status_json()?;
+        println!("trust status: {}", m.trust.status()?);
+        ensure!(
+            status.anchor_ids() == vec![new.clone()]
+                && status.issuer_anchor().is_some_and(|a| a.starts_with(&new))
+                && status.phase().as_deref() == Some("stable")
+                && status.ok(),
+            "`trust status --json` after the rotation: expected only anchor {new}, the issuer on it, phase stable, ok: {}",
+            status.json
+        );
+        Ok(())
+    })
+}
+
+/// Runs `mesh-agent trust rotate` until it succeeds (a step that is not yet allowed
+/// fails and is retried), at most for `timeout`; prints what it said.
+fn rotate(trust: &TrustDir, step: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = trust.rotate(false)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            println!("trust rotate ({step}): {}", text.trim());
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "`trust rotate` ({step}) still failing after {timeout:?} ({}): {}",
+                out.status,
+                text.trim()
+            );
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits until `agent` reports exactly the anchors `anchors` and every workload leaf it
+/// holds (at least one), and its issuer, chains to `leaf_anchor`.
+fn wait_trust_state(agent: &Agent, anchors: &[&str], leaf_anchor: &str) -> Result<()> {
+    let want: BTreeSet<String> = anchors.iter().map(|a| a.to_string()).collect();
+    wait_for(
+        &format!(
+            "{}: anchors {want:?}, leaves and issuer chaining to {leaf_anchor}",
+            agent.node().name()
+        ),
+        TRUST_LAG,
+        || {
+            let text = agent.metrics()?;
+            let anchor_set: BTreeSet<String> =
+                mesh_testbed::metrics::samples(&text, ANCHOR_EXPIRY, &[])
+                    .iter()
+                    .filter_map(|s| s.label("anchor").map(str::to_string))
+                    .collect();
+            let leaves: Vec<String> = mesh_testbed::metrics::samples(&text, LEAF_EXPIRY, &[])
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}/{}",
+                        s.label("task").unwrap_or("?"),
+                        s.label("anchor").unwrap_or("?")
+                    )
+                })
+                .collect();
+            let issuers: Vec<String> = mesh_testbed::metrics::samples(&text, ISSUER_EXPIRY, &[])
+                .iter()
+                .filter_map(|s| s.label("anchor").map(str::to_string))
+                .collect();
+            let leaves_ok = !leaves.is_empty()
+                && leaves
+                    .iter()
+                    .all(|l| l.ends_with(&format!("/{leaf_anchor}")));
+            if anchor_set == want && leaves_ok && issuers == [leaf_anchor] {
+                Ok(Ok(()))
+            } else {
+                Ok(Err(format!(
+                    "anchors {anchor_set:?}, leaves (task/anchor) {leaves:?}, issuer anchors {issuers:?}"
+                )))
+            }
+        },
+    )
+}
+
+/// The probe itself, against `openssl s_server` requiring a client certificate over
+/// TLS 1.3 (no agent involved): it must tell an accepted client from refused ones, or
+/// the refusals in the tunnel test would prove nothing.
+#[test]
+fn tls_probe_tells_accepted_from_refused_clients() {
+    let f = || -> Result<()> {
+        require_root()?;
+        require_tools(&["ip", "openssl"])?;
+        let topology = Topology::new()?;
+        let node = topology.add_node()?;
+        let dir = topology.dir().join("certs");
+        let ca = TestCa::self_signed("probe test CA")?;
+        let ca_file = dir.join("ca.pem");
+        let server = ca.mint(
+            "spiffe://probe.test/server",
+            Validity::Current,
+            &dir,
+            "server",
+        )?;
+        ca.write_cert(&ca_file)?;
+        let valid = ca.mint(
+            "spiffe://probe.test/client",
+            Validity::Current,
+            &dir,
+            "client",
+        )?;
+        let expired = ca.mint("spiffe://probe.test/client", Validity::Expired, &dir, "old")?;
+        let other = TestCa::self_signed("other")?.mint(
+            "spiffe://probe.test/client",
+            Validity::Current,
+            &dir,
+            "other",
+        )?;
+
+        let port = 16008;
+        let target = addr(node.ip(), port);
+        let base = TlsProbe::new(target).verify_server(&ca_file);
+        let cases: [(&str, TlsProbe, Verdict); 6] = [
+            (
+                "valid",
+                base.clone().client_cert(&valid),
+                Verdict::AcceptedHttp2,
+            ),
+            ("no certificate", base.clone(), Verdict::Rejected),
+            (
+                "other CA",
+                base.clone().client_cert(&other),
+                Verdict::Rejected,
+            ),
+            (
+                "expired",
+                base.clone().client_cert(&expired),
+                Verdict::Rejected,
+            ),
+            (
+                "TLS 1.2",
+                base.clone().client_cert(&valid).version(TlsVersion::Tls12),
+                Verdict::Rejected,
+            ),
+            (
+                "valid again",
+                base.clone().client_cert(&valid),
+                Verdict::AcceptedHttp2,
+            ),
+        ];
+        for (name, probe, expected) in cases {
+            // A fresh server per probe: it sends the SETTINGS frame from its stdin to the
+            // first client only.
+            let (_server, _stdin) = s_server(&node, port, &server, &ca_file)?;
+            let report = probe.run(node.command("openssl")?)?;
+            println!("{name}: {}", report.summary());
+            ensure!(
+                report.verdict == expected,
+                "{name}: expected {expected:?}: {report}"
+            );
+            if expected == Verdict::Rejected {
+                ensure!(
+                    report.elapsed < Duration::from_secs(2),
+                    "{name}: slow: {report}"
+                );
+                ensure!(report.alert.is_some(), "{name}: no alert: {report}");
+            } else {
+                ensure!(
+                    report.handshake_completed && report.protocol.as_deref() == Some("TLSv1.3")
+                );
+            }
+        }
+        Ok(())
+    };
+    if let Err(e) = f() {
+        panic!("{e:?}");
+    }
+}
+
+/// `openssl s_server` on `port` of `node`'s bridge address: TLS 1.3 only, ALPN h2, a
+/// client certificate required and verified against `ca_file`; with an HTTP/2 SETTINGS
+/// frame waiting on its stdin, which it sends to its first client.
+fn s_server(
+    node: &Node,
+    port: u16,
+    cert: &CertFiles,
+    ca_file: &std::path::Path,
+) -> Result<(Process, ChildStdin)> {
+    let mut command = node.command("openssl")?;
+    command
+        .args(["s_server", "-accept", &addr(node.ip(), port).to_string()])
+        .arg("-cert")
+        .arg(&cert.cert)
+        .arg("-cert_chain")
+        .arg(&cert.chain)
+        .arg("-key")
+        .arg(&cert.key)
+        .arg("-CAfile")
+        .arg(ca_file)
+        .args([
+            "-Verify",
+            "1",
+            "-verify_return_error",
+            "-tls1_3",
+            "-alpn",
+            "h2",
+        ])
+        .args(["-naccept", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut process = Process::spawn(&mut command)?;
+    let mut stdin = process.child_mut().stdin.take().context("no stdin")?;
+    stdin.write_all(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")?;
+    stdin.flush()?;
+    let stdout = process.child_mut().stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.trim() == "ACCEPT" {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("openssl s_server did not print ACCEPT")?;
+    Ok((process, stdin))
+}
+
+/// The link capture and the load client themselves, without any agent: a marker sent in
+/// clear across the link is found in the capture (so its absence in the tunnel test
+/// means something), and the load client counts successes while the server is up and
+/// failures once it is gone (so "zero failures" in the rotation test means something).
+#[test]
+fn link_capture_and_load_client_detect_what_they_must() {
+    let f = || -> Result<()> {
+        require_root()?;
+        require_tools(&["ip", "curl", "tcpdump"])?;
+        let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
+        let topology = Topology::new()?;
+        let n1 = topology.add_node()?;
+        let n2 = topology.add_node()?;
+        topology.link_nodes(&n1, &n2)?;
+        let a = n1.add_task("a")?;
+        let b = n2.add_task("b")?;
+        let http = kit.serve(&b, addr(b.ip(), 8080), ServeMode::HttpEcho)?;
+
+        let capture = LinkCapture::start(&n1, "to-node2")?;
+        let clear = marker("mesh-clear");
+        let body = curl_ok(&a, &format!("http://{}/{clear}", http.addr()), &[])?;
+        ensure!(body.contains(&clear), "{body:?}");
+        let pcap = capture.stop()?;
+        ensure!(
+            pcap.contains(clear.as_bytes()),
+            "a marker sent in clear is missing from the capture"
+        );
+        ensure!(pcap.tcp_port_counts(8080).1 >= 2, "{:?}", pcap.tcp_ports());
+        ensure!(pcap.tcp_port_counts(TUNNEL_PORT).0 == 0);
+        ensure!(!pcap.contains(marker("never-sent").as_bytes()));
+
+        let echo = kit.serve(&b, addr(b.ip(), 9001), ServeMode::Echo)?;
+        let opts = LoadOptions {
+            timeout: Duration::from_secs(1),
+            ..LoadOptions::default()
+        };
+        let mut load = LoadClient::start(&kit, &a, echo.addr(), &opts)?;
+        load.wait_for_successes(30, SHORT)?;
+        ensure!(load.progress().failed == 0, "{:?}", load.progress());
+        drop(echo);
+        wait_for("the load client counts failures", SHORT, || {
+            let now = load.progress();
+            Ok(if now.failed >= 3 {
+                Ok(())
+            } else {
+                Err(format!("{now:?}"))
+            })
+        })?;
+        let report = load.stop()?;
+        println!(
+            "load: {} ok, {} failed; first: {:?}",
+            report.ok,
+            report.failed,
+            report.failures.first()
+        );
+        ensure!(report.ok >= 30 && report.failed >= 3 && !report.failures.is_empty());
+        ensure!(report.status.is_some_and(|s| !s.success()), "{report:?}");
+        Ok(())
+    };
+    if let Err(e) = f() {
+        panic!("{e:?}");
+    }
+}
