@@ -26,8 +26,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let mut config = Config::load(&config_path)?;
     info!(config = %config_path.display(), cgroup2 = %host.cgroup2_root.display(), tasks = config.tasks.len(), "starting");
 
-    // Trust material first: an expired anchor or issuer must stop the agent before it touches
-    // the kernel.
+    // The programs are loaded (not attached) first because the metrics read their counters;
+    // trust material is checked next, so an expired anchor or issuer stops the agent before any
+    // task is touched.
     let capture = Arc::new(Capture::load(kernel_log_level())?);
     let metrics = Arc::new(Metrics::new(capture.clone()));
     let certs = match &config.identity {

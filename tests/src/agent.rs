@@ -273,13 +273,21 @@ impl Agent {
 
     /// Replaces the configuration file and sends SIGHUP.
     pub fn reload(&mut self, config: &str) -> Result<()> {
-        // Write aside and rename, so the agent's file watcher never reads half a file.
-        let staged = self.config.with_extension("toml.new");
-        fs::write(&staged, config)?;
-        fs::rename(&staged, &self.config)?;
+        self.replace_config(config)?;
         self.process
             .signal(libc::SIGHUP)
             .with_context(|| self.log_tail(20))
+    }
+
+    /// Replaces the configuration file without signalling the agent: it must notice the
+    /// change itself (its file watch polls every `agent.watch_interval`). The new file is
+    /// written aside and renamed over the old one, so the watcher never reads half a file.
+    pub fn replace_config(&self, config: &str) -> Result<()> {
+        let staged = self.config.with_extension("toml.new");
+        fs::write(&staged, config).with_context(|| format!("write {}", staged.display()))?;
+        fs::rename(&staged, &self.config)
+            .with_context(|| format!("rename {} over the config", staged.display()))?;
+        Ok(())
     }
 
     /// SIGTERM, then waits for the exit (the agent drains for up to its drain_timeout).

@@ -69,6 +69,9 @@ pub struct TrustInit {
     /// `--clock-skew`: how far behind a node's clock may be (the CLI's default is minutes;
     /// tests of a whole rotation set "0s").
     pub clock_skew: Option<String>,
+    /// `--issuer-validity`: the lifetime of each issuer, also of the ones `trust
+    /// renew-issuer` makes later (humantime; the CLI's default is 30 days).
+    pub issuer_validity: Option<String>,
 }
 
 impl Default for TrustInit {
@@ -78,6 +81,7 @@ impl Default for TrustInit {
             propagation_delay: None,
             max_leaf_lifetime: None,
             clock_skew: None,
+            issuer_validity: None,
         }
     }
 }
@@ -127,6 +131,9 @@ impl TrustDir {
         }
         if let Some(skew) = &init.clock_skew {
             args.extend(["--clock-skew".to_string(), skew.clone()]);
+        }
+        if let Some(validity) = &init.issuer_validity {
+            args.extend(["--issuer-validity".to_string(), validity.clone()]);
         }
         trust.cli_ok(&args)?;
         for file in [trust.bundle(), trust.issuer()] {
@@ -184,6 +191,13 @@ impl TrustDir {
             args.push("--force".to_string());
         }
         self.cli(&args)
+    }
+
+    /// `mesh-agent trust renew-issuer --dir D`; fails unless it exits 0. Returns what it
+    /// printed.
+    pub fn renew_issuer(&self) -> Result<String> {
+        let args = ["renew-issuer", "--dir", &self.dir.to_string_lossy()].map(String::from);
+        self.cli_ok(&args)
     }
 
     /// `mesh-agent trust status --dir D` (text); fails unless it exits 0.

@@ -24,8 +24,8 @@ use mesh_testbed::pki::{CertFiles, TestCa, Validity};
 use mesh_testbed::testkit::LoadOptions;
 use mesh_testbed::tls::{ProbeReport, TlsProbe, TlsVersion, Verdict};
 use mesh_testbed::{
-    Agent, LoadClient, Node, Process, ServeMode, Task, Testkit, Topology, netns, require_root,
-    require_tools, run_with_timeout,
+    Agent, Launch, LoadClient, Node, Process, ServeMode, Task, Testkit, Topology, netns,
+    require_root, require_tools, run_with_timeout,
 };
 
 const SHORT: Duration = Duration::from_secs(10);
@@ -45,6 +45,11 @@ const ANCHOR_EXPIRY: &str = "mesh_trust_anchor_expiry_timestamp_seconds";
 const ISSUER_EXPIRY: &str = "mesh_issuer_expiry_timestamp_seconds";
 const LEAF_EXPIRY: &str = "mesh_workload_cert_expiry_timestamp_seconds";
 const RELOADS: &str = "mesh_config_reloads_total";
+const CONNECT_ERRORS: &str = "mesh_connect_errors_total";
+const TUNNEL_ACTIVE: &str = "mesh_tunnel_connections_active";
+const CAPTURED: &str = "mesh_connections_captured_total";
+/// The label value of an unknown workload or principal.
+const UNKNOWN: &str = "unknown";
 
 /// Two linked nodes with task `a` on node 1 and task `b` on node 2, and a trust directory.
 struct Mesh {
@@ -160,6 +165,49 @@ fn curl_ok(task: &Task, url: &str, extra: &[&str]) -> Result<String> {
         c.describe()
     );
     Ok(c.stdout)
+}
+
+/// `curl -v URL` inside `task`, which must fail quickly with its connection reset (RST):
+/// "Connection reset by peer" while connecting (exit 7: the agent reset it before curl
+/// checked the connect), sending (55) or receiving (56), within a second. A timeout (28),
+/// an empty reply after a FIN (52), a refused connect ("Connection refused": the
+/// connection was not carried by the agent) or a slow failure are not what a refused mesh
+/// connection must look like to the application. Prints and returns what curl did.
+fn curl_reset(task: &Task, url: &str, what: &str) -> Result<Curl> {
+    let c = curl(task, url, &["-v"])?;
+    println!("{what}: {}", c.describe());
+    ensure!(
+        matches!(c.code, Some(7 | 55 | 56))
+            && c.stderr.contains("Connection reset by peer")
+            && c.elapsed < Duration::from_secs(1),
+        "{what}: expected a fast reset (curl exit 7/55/56 with \"Connection reset by peer\", under 1 s): {}",
+        c.describe()
+    );
+    Ok(c)
+}
+
+/// Every label of an Istio TCP metric sample, so a lookup matches exactly one series.
+fn hop_labels<'a>(
+    reporter: &'a str,
+    source: (&'a str, &'a str),
+    destination: (&'a str, &'a str),
+    security_policy: &'a str,
+) -> [(&'a str, &'a str); 6] {
+    [
+        ("reporter", reporter),
+        ("source_workload", source.0),
+        ("source_principal", source.1),
+        ("destination_workload", destination.0),
+        ("destination_principal", destination.1),
+        ("connection_security_policy", security_policy),
+    ]
+}
+
+/// Whether a plain TCP connection from `netns` to `target` is accepted (within 2 s).
+fn tcp_accepts(netns: &std::path::Path, target: SocketAddr) -> Result<bool> {
+    netns::run_in(netns, || {
+        std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_ok()
+    })
 }
 
 /// A marker no packet contains by chance.
@@ -504,6 +552,392 @@ fn connections_share_one_pooled_tunnel_connection() {
             conns_out == 1.0 && conns_in == 1.0,
             "40 connections used {conns_out} outbound / {conns_in} inbound tunnel connections, expected 1"
         );
+        Ok(())
+    })
+}
+
+/// A connection through the tunnel to a port of b where nothing listens: b's agent cannot
+/// connect the target and answers 503, and node 1's agent resets a's connection at once,
+/// counted as `upstream_unavailable` for task a and under no other reason. Before and
+/// after, the same client reaches b's server port over the same pooled tunnel connection.
+#[test]
+fn unreachable_target_behind_the_tunnel_is_reset() {
+    with_mesh(TrustInit::default(), |m| {
+        let server = m.kit.serve(&m.b, addr(m.b.ip(), 8080), ServeMode::Http)?;
+        let agent1 = Agent::start(&m.n1, &m.node1().render())?;
+        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
+        let url = format!("http://{}/", server.addr());
+        let closed_url = format!("http://{}/", addr(m.b.ip(), 8081));
+        let unavailable = [("task", "a"), ("reason", "upstream_unavailable")];
+        let task_a = [("task", "a")];
+        let (outbound, inbound) = ([("direction", "outbound")], [("direction", "inbound")]);
+
+        // Control: b's real server port, through the tunnel.
+        curl_ok(&m.a, &url, &[]).context("a to b's server port (before)")?;
+        let source = hop_labels("source", ("a", &id_a), ("b", &id_b), "mutual_tls");
+        agent1.wait_metric(TCP_OPENED, &source, METRIC_LAG, |v| v == 1.0)?;
+        let streams_in =
+            agent2.wait_metric_sum(STREAMS_OPENED, &inbound, METRIC_LAG, |v| v == 1.0)?;
+        ensure!(
+            agent1.metric_sum(CONNECT_ERRORS, &task_a)? == 0.0,
+            "connect errors for a after a successful request"
+        );
+
+        curl_reset(&m.a, &closed_url, "a to a port of b where nothing listens")?;
+        agent1.wait_metric(CONNECT_ERRORS, &unavailable, METRIC_LAG, |v| v == 1.0)?;
+        let by_reason: Vec<String> = agent1
+            .samples(CONNECT_ERRORS, &task_a)?
+            .iter()
+            .filter(|s| s.value > 0.0)
+            .map(|s| format!("{}={}", s.label("reason").unwrap_or("?"), s.value))
+            .collect();
+        ensure!(
+            by_reason == ["upstream_unavailable=1"],
+            "connect errors of a by reason: {by_reason:?}, expected only upstream_unavailable=1"
+        );
+        // It went through the tunnel to b's agent, which refused no one by policy.
+        agent2.wait_metric_sum(STREAMS_OPENED, &inbound, METRIC_LAG, |v| {
+            v == streams_in + 1.0
+        })?;
+        ensure!(agent2.metric_sum(DENIALS, &[])? == 0.0);
+        ensure!(agent1.metric_sum(DENIALS, &[])? == 0.0);
+
+        // Control again: the failed stream did not break the pooled connection or the path.
+        curl_ok(&m.a, &url, &[]).context("a to b's server port (after)")?;
+        agent1.wait_metric(TCP_OPENED, &source, METRIC_LAG, |v| v == 2.0)?;
+        let conns = agent1.metric_sum(TUNNEL_OPENED, &outbound)?;
+        ensure!(
+            conns == 1.0,
+            "{conns} outbound tunnel connections for three streams, expected 1 (a 503 must not cost the pooled connection)"
+        );
+        Ok(())
+    })
+}
+
+/// Tasks a and c on one node: a's connection to c skips the tunnel, but c's policy still
+/// applies. While it allows only role z, a is reset and node 1 counts a denial as the
+/// destination; once the config file is rewritten to allow a (noticed by the file watch,
+/// no signal), a reaches c, and node 1 reports the hop as source and as destination, both
+/// mutual TLS with both principals, without any tunnel connection.
+#[test]
+fn same_node_hop_applies_the_destination_policy_without_the_tunnel() {
+    with_mesh(TrustInit::default(), |m| {
+        let c = m.n1.add_task("c")?;
+        let server = m.kit.serve(&c, addr(c.ip(), 8080), ServeMode::Http)?;
+        let url = format!("http://{}/", server.addr());
+        let (id_a, id_c) = (spiffe_id("a"), spiffe_id("c"));
+        let only_z = m.node1().task(&c, "c").policy("c", &[], &[&spiffe_id("z")]);
+        let agent1 = Agent::start(&m.n1, &only_z.render())?;
+        let pid = agent1.pid();
+        let denied = [
+            ("reporter", "destination"),
+            ("source_principal", id_a.as_str()),
+            ("destination_workload", "c"),
+        ];
+
+        curl_reset(&m.a, &url, "a to c while c's policy allows only z")?;
+        agent1.wait_metric(DENIALS, &denied, METRIC_LAG, |v| v == 1.0)?;
+        agent1.wait_metric(
+            CONNECT_ERRORS,
+            &[("task", "a"), ("reason", "denied")],
+            METRIC_LAG,
+            |v| v == 1.0,
+        )?;
+        let opened = agent1.metric_sum(TCP_OPENED, &[("destination_workload", "c")])?;
+        ensure!(
+            opened == 0.0,
+            "{opened} connections to c reported as opened while the policy denied them"
+        );
+
+        // Allow a, by rewriting the file only: the agent's file watch must pick it up.
+        let success = [("result", "success")];
+        let reloads = agent1.metric(RELOADS, &success)?;
+        let allow_a = m.node1().task(&c, "c").policy("c", &[], &[&id_a]);
+        agent1.replace_config(&allow_a.render())?;
+        agent1.wait_metric(RELOADS, &success, METRIC_LAG, |v| v == reloads + 1.0)?;
+        let log = agent1.log();
+        ensure!(
+            log.contains("configuration file changed: reloading") && !log.contains("SIGHUP"),
+            "expected a reload by the file watch, not by a signal\n{}",
+            agent1.log_tail(20)
+        );
+
+        let body = curl_ok(&m.a, &url, &[]).context("a to c once the policy allows a")?;
+        ensure!(
+            body.contains(&format!("peer={}:", m.a.ip())),
+            "c's server should see a's own address as the client: {body:?}"
+        );
+        for reporter in ["source", "destination"] {
+            let labels = hop_labels(reporter, ("a", &id_a), ("c", &id_c), "mutual_tls");
+            agent1
+                .wait_metric(TCP_OPENED, &labels, METRIC_LAG, |v| v == 1.0)
+                .with_context(|| format!("the hop a -> c reported by {reporter}"))?;
+        }
+        let all: Vec<String> = agent1
+            .samples(TCP_OPENED, &[])?
+            .iter()
+            .map(|s| format!("{:?}={}", s.labels, s.value))
+            .collect();
+        ensure!(
+            all.len() == 2,
+            "expected exactly the two series of the hop a -> c, got: {all:#?}"
+        );
+        let tunnel = agent1.metric_sum(TUNNEL_OPENED, &[])?;
+        let streams = agent1.metric_sum(STREAMS_OPENED, &[])?;
+        ensure!(
+            tunnel == 0.0 && streams == 0.0,
+            "a same-node hop used the tunnel: {tunnel} connections, {streams} streams"
+        );
+        ensure!(
+            agent1.metric(DENIALS, &denied)? == 1.0,
+            "a was counted as denied after the reload allowed it"
+        );
+        ensure!(agent1.pid() == pid, "the agent restarted");
+        Ok(())
+    })
+}
+
+/// With `tunnel_idle_timeout = "1s"`, a tunnel connection that carries a stream for longer
+/// than that stays open (one connection for the whole hold); once its last stream has
+/// ended it closes after about a second, on both agents; the next connection from a to b
+/// works and opens a second tunnel connection.
+#[test]
+fn idle_pooled_tunnel_connection_closes_after_the_idle_timeout() {
+    with_mesh(TrustInit::default(), |m| {
+        let echo = m.kit.serve(&m.b, addr(m.b.ip(), 9001), ServeMode::Echo)?;
+        let node1 = m.node1().agent("tunnel_idle_timeout", "\"1s\"");
+        let agent1 = Agent::start(&m.n1, &node1.render())?;
+        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let (outbound, inbound) = ([("direction", "outbound")], [("direction", "inbound")]);
+
+        let mut hold = m.kit.client(
+            &m.a,
+            echo.addr(),
+            &["--mode", "hold", "--seconds", "2", "--timeout", "2"],
+        )?;
+        let holder = thread::spawn(move || mesh_testbed::run_ok(&mut hold, SHORT));
+        agent1.wait_metric(TUNNEL_ACTIVE, &outbound, METRIC_LAG, |v| v == 1.0)?;
+        agent2.wait_metric(TUNNEL_ACTIVE, &inbound, METRIC_LAG, |v| v == 1.0)?;
+        let summary = holder
+            .join()
+            .map_err(|_| anyhow::anyhow!("hold thread panicked"))?
+            .context("a connection held across the idle timeout")?;
+        let ended = Instant::now();
+        println!("hold: {}", summary.trim());
+        let opened = agent1.metric(TUNNEL_OPENED, &outbound)?;
+        ensure!(
+            opened == 1.0,
+            "{opened} outbound tunnel connections for one held stream, expected 1"
+        );
+
+        agent1.wait_metric(TUNNEL_ACTIVE, &outbound, Duration::from_secs(5), |v| {
+            v == 0.0
+        })?;
+        let idle_for = ended.elapsed();
+        println!("outbound tunnel connection closed {idle_for:?} after the last stream ended");
+        ensure!(
+            idle_for >= Duration::from_millis(500),
+            "the tunnel connection closed {idle_for:?} after its last stream, before the 1 s idle timeout"
+        );
+        agent2.wait_metric(TUNNEL_ACTIVE, &inbound, METRIC_LAG, |v| v == 0.0)?;
+
+        m.kit
+            .run_client(
+                &m.a,
+                echo.addr(),
+                &["--mode", "echo", "--send-bytes", "4096", "--timeout", "5"],
+                SHORT,
+            )
+            .context("a new connection after the idle close")?;
+        agent1.wait_metric(TUNNEL_OPENED, &outbound, METRIC_LAG, |v| v == 2.0)?;
+        agent2.wait_metric(TUNNEL_OPENED, &inbound, METRIC_LAG, |v| v == 2.0)?;
+        Ok(())
+    })
+}
+
+/// An agent whose issuer has expired refuses to start, quickly and with an error naming
+/// the issuer file and its expiry; after `trust renew-issuer` in the same directory the
+/// same configuration starts and mints task a's certificate.
+#[test]
+fn agent_refuses_to_start_with_an_expired_issuer() {
+    let init = TrustInit {
+        issuer_validity: Some("3s".into()),
+        ..TrustInit::default()
+    };
+    with_mesh(init, |m| {
+        let status = m.trust.status_json()?;
+        let not_after = status.json["issuer"]["not_after_unix"]
+            .as_u64()
+            .with_context(|| format!("no issuer.not_after_unix in {}", status.json))?;
+        // X.509 times have whole seconds: wait until the issuer is past its notAfter.
+        let expired_at = std::time::UNIX_EPOCH + Duration::from_secs(not_after + 1);
+        if let Ok(left) = expired_at.duration_since(std::time::SystemTime::now()) {
+            ensure!(
+                left < SHORT,
+                "the issuer lives {left:?} more, expected ~3 s"
+            );
+            thread::sleep(left);
+        }
+        let config = m.node1().render();
+        let issuer = m.trust.issuer().display().to_string();
+
+        let started = Instant::now();
+        let mut refused = Agent::spawn(&m.n1, &config, &Launch::default())?;
+        let exit = refused.wait_exit(SHORT)?;
+        let took = started.elapsed();
+        let log = refused.log();
+        println!(
+            "agent with the expired issuer: {exit} after {took:?}\n{}",
+            log.trim()
+        );
+        ensure!(
+            !exit.success(),
+            "the agent exited successfully with an expired issuer"
+        );
+        ensure!(took < Duration::from_secs(5), "refusing took {took:?}");
+        let error = log
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .with_context(|| format!("no `error:` line in the log:\n{log}"))?;
+        ensure!(
+            error.contains(&issuer) && error.contains("expired"),
+            "the error must name the issuer file {issuer} and say it expired: {error}"
+        );
+
+        // Control: a renewed issuer in the same directory lets the same config start.
+        let renewed = m.trust.renew_issuer()?;
+        println!("renew-issuer: {}", renewed.trim());
+        let mut agent = Agent::start(&m.n1, &config).context("the agent after renew-issuer")?;
+        let leaves = agent.samples(
+            LEAF_EXPIRY,
+            &[("task", "a"), ("principal", &spiffe_id("a"))],
+        )?;
+        ensure!(
+            leaves.len() == 1,
+            "expected task a's workload certificate in the metrics: {leaves:?}"
+        );
+        let exit = agent.terminate()?;
+        ensure!(exit.success(), "the agent exited with {exit} on SIGTERM");
+        Ok(())
+    })
+}
+
+/// Task r on node 1 has no role, so no identity: its connection to meshed b is reset
+/// (`no_identity`) without any tunnel attempt, while task a (with a role) reaches b; r
+/// still reaches d, a task that is not meshed (captured by `[capture]`), as plain TCP,
+/// reported with principal `unknown` and security policy `none`. r gets no tunnel
+/// listener; a has one.
+#[test]
+fn task_without_role_reaches_only_unmeshed_destinations() {
+    with_mesh(TrustInit::default(), |m| {
+        let r = m.n1.add_task("r")?;
+        let d = m.n2.add_task("d")?;
+        let server_b = m.kit.serve(&m.b, addr(m.b.ip(), 8080), ServeMode::Http)?;
+        let server_d = m.kit.serve(&d, addr(d.ip(), 8080), ServeMode::Http)?;
+        let (url_b, url_d) = (
+            format!("http://{}/", server_b.addr()),
+            format!("http://{}/", server_d.addr()),
+        );
+        let node1 = m
+            .node1()
+            .raw(&r.config())
+            .raw(&format!("[capture]\ndestinations = [\"{}/32\"]\n", d.ip()));
+        let agent1 = Agent::start(&m.n1, &node1.render())?;
+        let _agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
+        let outbound = [("direction", "outbound")];
+
+        // Control: b is meshed and reachable for a task with a role.
+        curl_ok(&m.a, &url_b, &[]).context("a (role a) to b")?;
+        let a_to_b = hop_labels("source", ("a", &id_a), ("b", &id_b), "mutual_tls");
+        agent1.wait_metric(TCP_OPENED, &a_to_b, METRIC_LAG, |v| v == 1.0)?;
+
+        curl_reset(&r, &url_b, "r (no role) to meshed b")?;
+        agent1.wait_metric(
+            CONNECT_ERRORS,
+            &[("task", "r"), ("reason", "no_identity")],
+            METRIC_LAG,
+            |v| v == 1.0,
+        )?;
+        let tunnels = agent1.metric_sum(TUNNEL_OPENED, &outbound)?;
+        let streams = agent1.metric_sum(STREAMS_OPENED, &outbound)?;
+        ensure!(
+            tunnels == 1.0 && streams == 1.0,
+            "r's refused connection touched the tunnel: {tunnels} connections, {streams} streams (a's request alone makes 1 and 1)"
+        );
+
+        let body = curl_ok(&r, &url_d, &[]).context("r (no role) to unmeshed d")?;
+        ensure!(
+            body.contains(&format!("peer={}:", r.ip())),
+            "d's server should see r's own address: {body:?}"
+        );
+        let plain = hop_labels("source", ("r", UNKNOWN), (UNKNOWN, UNKNOWN), "none");
+        agent1.wait_metric(TCP_OPENED, &plain, METRIC_LAG, |v| v == 1.0)?;
+        // Both of r's connections were captured: the one to d was carried, not bypassed.
+        ensure!(agent1.metric(CAPTURED, &[("task", "r")])? == 2.0);
+        let r_errors = agent1.metric_sum(CONNECT_ERRORS, &[("task", "r")])?;
+        ensure!(
+            r_errors == 1.0,
+            "r has {r_errors} connect errors, expected 1"
+        );
+
+        let tunnel_of = |task: &Task| tcp_accepts(&m.n1.netns_path(), addr(task.ip(), TUNNEL_PORT));
+        ensure!(tunnel_of(&m.a)?, "a (role a) has no tunnel listener");
+        ensure!(!tunnel_of(&r)?, "r (no role) has a tunnel listener");
+        Ok(())
+    })
+}
+
+/// `mesh.egress = "deny"`: a captured destination that is neither a task nor an endpoint
+/// (task d on node 2, listed only in `[capture]`) is reset and counted as `egress_denied`,
+/// while meshed b stays reachable. Control: the same connection succeeds, as plain TCP,
+/// with `passthrough` before and after.
+#[test]
+fn egress_deny_resets_unmeshed_destinations() {
+    with_mesh(TrustInit::default(), |m| {
+        let d = m.n2.add_task("d")?;
+        let server_b = m.kit.serve(&m.b, addr(m.b.ip(), 8080), ServeMode::Http)?;
+        let server_d = m.kit.serve(&d, addr(d.ip(), 8080), ServeMode::Http)?;
+        let (url_b, url_d) = (
+            format!("http://{}/", server_b.addr()),
+            format!("http://{}/", server_d.addr()),
+        );
+        let capture_d = format!("[capture]\ndestinations = [\"{}/32\"]\n", d.ip());
+        let config = |egress: &str| {
+            m.node1()
+                .mesh("egress", &format!("\"{egress}\""))
+                .raw(&capture_d)
+                .render()
+        };
+        let mut agent1 = Agent::start(&m.n1, &config("passthrough"))?;
+        let _agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
+        let plain = hop_labels("source", ("a", &id_a), (UNKNOWN, UNKNOWN), "none");
+        let egress_denied = [("task", "a"), ("reason", "egress_denied")];
+        let success = [("result", "success")];
+
+        // Control: passthrough carries d as plain TCP (captured, so the agent decided).
+        curl_ok(&m.a, &url_d, &[]).context("a to d with egress = passthrough")?;
+        agent1.wait_metric(TCP_OPENED, &plain, METRIC_LAG, |v| v == 1.0)?;
+
+        agent1.reload(&config("deny"))?;
+        agent1.wait_metric(RELOADS, &success, METRIC_LAG, |v| v == 1.0)?;
+        curl_reset(&m.a, &url_d, "a to unmeshed d with egress = deny")?;
+        agent1.wait_metric(CONNECT_ERRORS, &egress_denied, METRIC_LAG, |v| v == 1.0)?;
+        ensure!(agent1.metric(CAPTURED, &[("task", "a")])? == 2.0);
+        // Meshed destinations are not egress.
+        curl_ok(&m.a, &url_b, &[]).context("a to meshed b with egress = deny")?;
+        let a_to_b = hop_labels("source", ("a", &id_a), ("b", &id_b), "mutual_tls");
+        agent1.wait_metric(TCP_OPENED, &a_to_b, METRIC_LAG, |v| v == 1.0)?;
+
+        // Control: back to passthrough, d is reachable again.
+        agent1.reload(&config("passthrough"))?;
+        agent1.wait_metric(RELOADS, &success, METRIC_LAG, |v| v == 2.0)?;
+        curl_ok(&m.a, &url_d, &[]).context("a to d with egress = passthrough again")?;
+        agent1.wait_metric(TCP_OPENED, &plain, METRIC_LAG, |v| v == 2.0)?;
+        let errors = agent1.metric_sum(CONNECT_ERRORS, &[("task", "a")])?;
+        ensure!(errors == 1.0, "a has {errors} connect errors, expected 1");
         Ok(())
     })
 }
@@ -890,4 +1324,35 @@ fn link_capture_and_load_client_detect_what_they_must() {
     if let Err(e) = f() {
         panic!("{e:?}");
     }
+}
+
+/// A rolling update of the peer's agent: the pooled tunnel connection dies with it, and the
+/// next connection after the new agent is up goes over a new tunnel connection without a
+/// failed request.
+#[test]
+fn pooled_connection_is_replaced_after_the_peer_agent_restarts() {
+    with_mesh(TrustInit::default(), |m| {
+        let server = m.kit.serve(&m.b, addr(m.b.ip(), 8080), ServeMode::Http)?;
+        let url = format!("http://{}/", server.addr());
+        let agent1 = Agent::start(&m.n1, &m.node1().render())?;
+        let mut agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let outbound = [("direction", "outbound")];
+        curl_ok(&m.a, &url, &[]).context("before the restart")?;
+        ensure!(agent1.metric_sum(TUNNEL_OPENED, &outbound)? == 1.0);
+
+        let status = agent2.terminate()?;
+        ensure!(status.success(), "node 2's agent exited with {status}");
+        drop(agent2);
+        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        for i in 0..5 {
+            curl_ok(&m.a, &url, &[]).with_context(|| format!("request {i} after the restart"))?;
+        }
+        let opened = agent1.metric_sum(TUNNEL_OPENED, &outbound)?;
+        ensure!(
+            opened == 2.0,
+            "expected one new tunnel connection after the restart, node 1 opened {opened} in all"
+        );
+        ensure!(agent2.metric_sum(TUNNEL_OPENED, &[("direction", "inbound")])? == 1.0);
+        Ok(())
+    })
 }

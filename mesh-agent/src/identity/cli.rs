@@ -891,7 +891,9 @@ fn renew_issuer(d: &DirArgs, now: SystemTime, out: &mut dyn Write) -> anyhow::Re
         fmt_time(issuer.info().not_after),
         short(anchor.info())
     )?;
-    if issuer.info().not_after < now + state.settings.issuer_validity {
+    // Cut short means the anchor's expiry capped the issuer (certificate times have whole
+    // seconds, so compare with the anchor rather than with `now + validity`).
+    if issuer.info().not_after >= anchor.info().not_after {
         writeln!(
             out,
             "warning: the issuer is cut short by the anchor, which expires at {}: rotate the \

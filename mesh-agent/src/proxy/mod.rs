@@ -5,10 +5,17 @@
 mod outbound;
 mod splice;
 
+pub use outbound::{OutboundContext, serve_outbound};
+pub use splice::splice;
 use std::sync::Arc;
 
-pub use outbound::{ConnectionSet, OutboundContext, serve_outbound};
-pub use splice::splice;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
 
 use crate::certs::Certs;
 use crate::destinations::Destinations;
@@ -57,5 +64,61 @@ impl Mesh {
     pub fn update(&self, authorizer: Authorizer, destinations: Destinations) {
         self.authorizer.set(authorizer);
         self.destinations.set(destinations);
+    }
+}
+
+/// How the connections of one task are tracked and ended.
+#[derive(Clone)]
+pub struct ConnectionSet {
+    /// The task's connections: its metric series go once these are done.
+    pub task: TaskTracker,
+    /// Every connection of the agent: the shutdown drain waits for these.
+    pub all: TaskTracker,
+    /// Fired when the drain deadline passes: ends the connections still open.
+    pub abort: CancellationToken,
+}
+
+impl ConnectionSet {
+    /// Runs one connection (or tunnel stream): tracked for its task and for the drain, and
+    /// ended when the drain deadline passes.
+    pub fn spawn(&self, connection: impl Future<Output = ()> + Send + 'static) {
+        let abort = self.abort.clone();
+        let ended_at_abort = async move {
+            tokio::select! {
+                _ = connection => {}
+                _ = abort.cancelled() => {}
+            }
+        };
+        self.task.spawn(self.all.track_future(ended_at_abort));
+    }
+}
+
+/// Accepts on `listener` until `stop` fires, running `handle` for each connection in
+/// `connections`.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    connections: &ConnectionSet,
+    listener_name: &str,
+    task_id: &str,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => connections.spawn(handle(stream, peer)),
+            Err(e) => {
+                // Out of fds or memory: back off instead of spinning; the kernel keeps the
+                // connection queued meanwhile.
+                warn!(task = %task_id, listener = listener_name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::Mesh;
 use super::splice::splice;
+use super::{ConnectionSet, Mesh, accept_loop};
 use crate::capture::Capture;
 use crate::certs::WorkloadSlot;
 use crate::destinations::Target;
@@ -37,17 +36,6 @@ pub struct OutboundContext {
     pub connect_timeout: Duration,
 }
 
-/// How the connections of one listener are tracked and ended.
-#[derive(Clone)]
-pub struct ConnectionSet {
-    /// The task's connections: its metric series go once these are done.
-    pub task: TaskTracker,
-    /// Every connection of the agent: the shutdown drain waits for these.
-    pub all: TaskTracker,
-    /// Fired when the drain deadline passes: ends the connections still open.
-    pub abort: CancellationToken,
-}
-
 /// Accepts until `stop` fires.
 pub async fn serve_outbound(
     listener: TcpListener,
@@ -55,33 +43,19 @@ pub async fn serve_outbound(
     stop: CancellationToken,
     connections: ConnectionSet,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let ctx = ctx.clone();
-                let abort = connections.abort.clone();
-                let connection = async move {
-                    tokio::select! {
-                        _ = handle(stream, peer, &ctx) => {}
-                        _ = abort.cancelled() => {}
-                    }
-                };
-                connections
-                    .task
-                    .spawn(connections.all.track_future(connection));
-            }
-            Err(e) => {
-                // Out of fds or memory: back off instead of spinning; the kernel keeps the
-                // connection queued meanwhile.
-                warn!(task = %ctx.task_id, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let task_id = ctx.task_id.clone();
+    accept_loop(
+        listener,
+        stop,
+        &connections,
+        "outbound",
+        &task_id,
+        |stream, peer| {
+            let ctx = ctx.clone();
+            async move { handle(stream, peer, &ctx).await }
+        },
+    )
+    .await;
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
@@ -151,11 +125,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
                     .check(slot.id(), &local.task, dst.port())
             {
                 info!(source = %labels.source_principal, source_role = %role_of(slot.id()), destination = %local.task, %dst, by_default, "connection denied by authorization policy");
-                ctx.mesh.metrics.policy_denial(
-                    "destination",
-                    &labels.source_principal,
-                    &local.task,
-                );
+                // Both ends are this node's: count it as both agents would.
+                for reporter in ["source", "destination"] {
+                    ctx.mesh
+                        .metrics
+                        .policy_denial(reporter, &labels.source_principal, &local.task);
+                }
                 m.connect_error(ConnectErrorReason::denied);
                 reset(client);
                 return;

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,14 +71,20 @@ struct PoolKey {
 
 struct Connection {
     sender: http2::SendRequest<Empty<Bytes>>,
+    /// Set when a request on it failed: it is not used for new streams again.
+    broken: Arc<AtomicBool>,
     streams: Arc<AtomicUsize>,
     last_used: Arc<Mutex<Instant>>,
     generation: u64,
 }
 
 impl Connection {
+    fn is_broken(&self) -> bool {
+        self.sender.is_closed() || self.broken.load(Ordering::Relaxed)
+    }
+
     fn usable(&self, generation: u64) -> bool {
-        !self.sender.is_closed()
+        !self.is_broken()
             && self.generation == generation
             && self.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
     }
@@ -99,6 +105,13 @@ pub struct Pool {
 pub struct TunnelStream {
     pub io: TokioIo<Upgraded>,
     _guard: StreamGuard,
+}
+
+/// A stream slot taken on a connection.
+struct Checkout {
+    sender: http2::SendRequest<Empty<Bytes>>,
+    broken: Arc<AtomicBool>,
+    guard: StreamGuard,
 }
 
 struct StreamGuard {
@@ -153,36 +166,87 @@ impl Pool {
             .entry(key)
             .or_default()
             .clone();
-        let (mut sender, guard) = {
-            // Holding the key's lock while dialling makes concurrent first connects share one
-            // handshake instead of racing to open many.
-            let mut connections = slot.lock().await;
-            let generation = self.certs.generation();
-            connections.retain(|c| !c.sender.is_closed());
-            let index = match connections.iter().position(|c| c.usable(generation)) {
-                Some(i) => i,
-                None => {
-                    let c = self.dial(&source, destination, peer, generation).await?;
-                    connections.push(c);
-                    connections.len() - 1
-                }
-            };
-            let c = &connections[index];
-            c.streams.fetch_add(1, Ordering::Relaxed);
-            let guard = StreamGuard {
+        let (stream, reused) = self
+            .checkout(&slot, &source, destination, peer, false)
+            .await?;
+        match self.connect_stream(stream, target).await {
+            // A pooled connection can die unnoticed (the peer agent restarted, an idle NAT
+            // entry expired). The stream failed before the peer saw the request, so one retry
+            // on a fresh connection is safe and spares the application a reset.
+            Err(TunnelError::Http(e)) if reused => {
+                debug!(%peer, error = %e, "pooled tunnel connection failed; retrying on a new one");
+                let (stream, _) = self
+                    .checkout(&slot, &source, destination, peer, true)
+                    .await?;
+                self.connect_stream(stream, target).await
+            }
+            result => result,
+        }
+    }
+
+    /// A sender for a new stream on a usable pooled connection (or a new one when `fresh` or
+    /// none is usable); says whether the connection was reused.
+    async fn checkout(
+        &self,
+        slot: &Slot,
+        source: &Source<'_>,
+        destination: &SpiffeId,
+        peer: SocketAddr,
+        fresh: bool,
+    ) -> Result<(Checkout, bool), TunnelError> {
+        // Holding the key's lock while dialling makes concurrent first connects share one
+        // handshake instead of racing to open many.
+        let mut connections = slot.lock().await;
+        let generation = self.certs.generation();
+        connections.retain(|c| !c.is_broken());
+        let reusable = (!fresh)
+            .then(|| connections.iter().position(|c| c.usable(generation)))
+            .flatten();
+        let (index, reused) = match reusable {
+            Some(i) => (i, true),
+            None => {
+                let c = self.dial(source, destination, peer, generation).await?;
+                connections.push(c);
+                (connections.len() - 1, false)
+            }
+        };
+        let c = &connections[index];
+        c.streams.fetch_add(1, Ordering::Relaxed);
+        let checkout = Checkout {
+            sender: c.sender.clone(),
+            broken: c.broken.clone(),
+            guard: StreamGuard {
                 streams: c.streams.clone(),
                 last_used: c.last_used.clone(),
-            };
-            (c.sender.clone(), guard)
+            },
         };
+        Ok((checkout, reused))
+    }
+
+    /// Sends the CONNECT request and waits for the peer's answer.
+    async fn connect_stream(
+        &self,
+        mut stream: Checkout,
+        target: SocketAddr,
+    ) -> Result<TunnelStream, TunnelError> {
         self.metrics.tunnel_stream_opened("outbound");
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(Empty::new())
             .map_err(|e| TunnelError::Other(e.to_string()))?;
-        sender.ready().await?;
-        let response = sender.send_request(request).await?;
+        let sent = async {
+            stream.sender.ready().await?;
+            stream.sender.send_request(request).await
+        };
+        let response = match sent.await {
+            Ok(r) => r,
+            Err(e) => {
+                // No new stream goes over this connection again.
+                stream.broken.store(true, Ordering::Relaxed);
+                return Err(e.into());
+            }
+        };
         match response.status() {
             StatusCode::OK => {}
             s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
@@ -194,7 +258,7 @@ impl Pool {
         let upgraded = hyper::upgrade::on(response).await?;
         Ok(TunnelStream {
             io: TokioIo::new(upgraded),
-            _guard: guard,
+            _guard: stream.guard,
         })
     }
 
@@ -263,6 +327,7 @@ impl Pool {
         tokio::spawn(drive(connection, active, peer));
         Ok(Connection {
             sender,
+            broken: Arc::new(AtomicBool::new(false)),
             streams: Arc::new(AtomicUsize::new(0)),
             last_used: Arc::new(Mutex::new(Instant::now())),
             generation,
@@ -284,7 +349,7 @@ impl Pool {
                         .unwrap_or_else(|p| p.into_inner())
                         .elapsed()
                         >= self.idle_timeout;
-                !idle && !c.sender.is_closed()
+                !idle && !c.is_broken()
             });
             !connections.is_empty()
         });

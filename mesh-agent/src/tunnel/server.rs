@@ -27,7 +27,7 @@ use crate::identity::SpiffeId;
 use crate::metrics::{TcpLabels, UNKNOWN};
 use crate::netns::NetnsWorker;
 use crate::policy::{Decision, role_of};
-use crate::proxy::{ConnectionSet, Mesh, splice};
+use crate::proxy::{ConnectionSet, Mesh, accept_loop, splice};
 
 /// Streams one client connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -73,31 +73,16 @@ pub async fn serve_inbound(
     ctx: Arc<InboundContext>,
     stop: CancellationToken,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let ctx2 = ctx.clone();
-                let abort = ctx.connections.abort.clone();
-                let connection = async move {
-                    tokio::select! {
-                        _ = serve_connection(stream, peer, ctx2) => {}
-                        _ = abort.cancelled() => {}
-                    }
-                };
-                ctx.connections
-                    .task
-                    .spawn(ctx.connections.all.track_future(connection));
-            }
-            Err(e) => {
-                warn!(task = %ctx.task_id, error = %e, "tunnel accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let connections = ctx.connections.clone();
+    accept_loop(
+        listener,
+        stop,
+        &connections,
+        "tunnel",
+        &ctx.task_id,
+        |stream, peer| serve_connection(stream, peer, ctx.clone()),
+    )
+    .await;
 }
 
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<InboundContext>) {
@@ -224,8 +209,7 @@ async fn open_stream(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let tcp = mesh.metrics.tcp(&labels);
     let task_id = ctx.task_id.clone();
-    let abort = ctx.connections.abort.clone();
-    let splice_stream = async move {
+    ctx.connections.spawn(async move {
         let tunnel = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),
             Err(e) => {
@@ -235,19 +219,11 @@ async fn open_stream(
         };
         tcp.opened.inc();
         let (up, down) = ([&tcp.received_bytes], [&tcp.sent_bytes]);
-        tokio::select! {
-            r = splice(tunnel, upstream, &up, &down) => {
-                if let Err(e) = r {
-                    debug!(task = %task_id, %target, error = %e, "tunnel stream ended with an error");
-                }
-            }
-            _ = abort.cancelled() => {}
+        if let Err(e) = splice(tunnel, upstream, &up, &down).await {
+            debug!(task = %task_id, %target, error = %e, "tunnel stream ended with an error");
         }
         tcp.closed.inc();
-    };
-    ctx.connections
-        .task
-        .spawn(ctx.connections.all.track_future(splice_stream));
+    });
     status(StatusCode::OK)
 }
 
