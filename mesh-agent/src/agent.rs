@@ -6,12 +6,14 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
 
 use crate::capture::Capture;
 use crate::certs::Certs;
-use crate::config::{CaptureSettings, Cidr, Config, Destination};
+use crate::config::{CaptureSettings, Cidr, Config, Destination, TaskSpec};
 use crate::destinations::Destinations;
+use crate::ecs::{self, EcsEvent};
 use crate::endpoints::{self, Readiness};
 use crate::identity::TrustDomain;
 use crate::metrics::Metrics;
@@ -23,7 +25,7 @@ use crate::tunnel::Pool;
 
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let host = preflight::check_host()?;
-    let mut config = Config::load(&config_path)?;
+    let config = Config::load(&config_path)?;
     info!(config = %config_path.display(), cgroup2 = %host.cgroup2_root.display(), tasks = config.tasks.len(), "starting");
 
     // The programs are loaded (not attached) first because the metrics read their counters;
@@ -41,11 +43,12 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
     };
     spawn_kernel_logger(&capture);
-    let (authorizer, destinations) = mesh_view(&config)?;
-    capture.apply_rules(
-        &capture_rules(&config.capture, &destinations),
-        config.agent.outbound_port,
-    )?;
+    let mut state = State {
+        config,
+        discovered: Vec::new(),
+    };
+    let (authorizer, destinations) = mesh_view(&state.config, &state.tasks())?;
+    let config = &state.config;
     let pool = certs.as_ref().map(|c| {
         Pool::new(
             c.clone(),
@@ -71,32 +74,51 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     )
     .await?;
 
+    let attestation_timeout = config
+        .ecs
+        .as_ref()
+        .map_or(Duration::ZERO, |e| e.attestation_timeout);
     let mut tasks = TaskManager::new(
-        host.cgroup2_root,
+        host.cgroup2_root.clone(),
         capture.clone(),
         mesh.clone(),
         config.agent.clone(),
+        attestation_timeout,
     );
     // At start-up a task that cannot be set up is a configuration error: refuse to run rather
     // than run half-configured. (On reload the other tasks keep running; see `reload`.)
-    let failures = tasks.reconcile(&config.tasks).await;
+    let failures = apply(&state, &mut tasks, &capture, &mesh).await?;
     if let Some((_, e)) = failures.into_iter().next() {
-        tasks.shutdown(config.agent.drain_timeout).await;
+        tasks.shutdown(state.config.agent.drain_timeout).await;
         return Err(e);
     }
+
+    // Discovered tasks arrive through this channel once the source has looked.
+    let (ecs_events, mut ecs_rx) = tokio::sync::mpsc::channel(256);
+    let stop_sources = CancellationToken::new();
+    if let Some(ecs) = &state.config.ecs {
+        ecs::spawn(
+            ecs.clone(),
+            &host.cgroup2_root,
+            ecs_events,
+            stop_sources.clone(),
+        )?;
+        info!(agent = %ecs.agent_url, "ECS task source started");
+    }
     readiness.set(true);
-    info!(tasks = config.tasks.len(), "ready");
+    info!(tasks = state.config.tasks.len(), "ready");
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
-    let mut watch = FileWatch::new(&config_path, config.agent.watch_interval);
-    let trust_files: Vec<PathBuf> = config
+    let mut watch = FileWatch::new(&config_path, state.config.agent.watch_interval);
+    let trust_files: Vec<PathBuf> = state
+        .config
         .identity
         .iter()
         .flat_map(|i| [i.bundle.clone(), i.issuer.clone()])
         .collect();
-    let mut trust_watch = FileWatch::many(&trust_files, config.agent.watch_interval);
+    let mut trust_watch = FileWatch::many(&trust_files, state.config.agent.watch_interval);
     let mut expiry_check = tokio::time::interval(EXPIRY_CHECK);
     expiry_check.tick().await;
     loop {
@@ -105,7 +127,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: draining"); break; }
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading configuration and trust material");
-                reload(&config_path, &mut config, &mut tasks, &capture, &mesh).await;
+                reload(&config_path, &mut state, &mut tasks, &capture, &mesh).await;
                 watch.mark_seen();
                 if let Some(c) = &certs {
                     c.reload();
@@ -116,7 +138,20 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             // for the rest of the select!, which would stop the polling after one quiet tick.
             changed = watch.changed() => if changed {
                 info!("configuration file changed: reloading");
-                reload(&config_path, &mut config, &mut tasks, &capture, &mesh).await;
+                reload(&config_path, &mut state, &mut tasks, &capture, &mesh).await;
+            },
+            Some(event) = ecs_rx.recv() => match event {
+                EcsEvent::SliceAppeared(cgroup) => tasks.attach_early(&cgroup),
+                EcsEvent::SliceGone(cgroup) => tasks.release_early(&cgroup),
+                EcsEvent::Tasks(discovered) => {
+                    state.discovered = discovered;
+                    match apply(&state, &mut tasks, &capture, &mesh).await {
+                        Ok(failures) => for (id, e) in failures {
+                            debug!(task = %id, "discovered task not set up: {e:#}");
+                        },
+                        Err(e) => error!("discovered tasks not applied: {e:#}"),
+                    }
+                }
             },
             changed = trust_watch.changed() => if changed && let Some(c) = &certs {
                 info!("trust material changed on disk: reloading");
@@ -130,7 +165,8 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
     }
     readiness.set(false);
-    tasks.shutdown(config.agent.drain_timeout).await;
+    stop_sources.cancel();
+    tasks.shutdown(state.config.agent.drain_timeout).await;
     // Every link was detached above; the programs and maps go with the process.
     info!("stopped");
     Ok(())
@@ -143,7 +179,7 @@ const EXPIRY_WARNING_CHECK: Duration = Duration::from_secs(30 * 24 * 3600);
 const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
 
 /// The typed, validated views of the mesh part of the configuration.
-fn mesh_view(config: &Config) -> anyhow::Result<(Authorizer, Destinations)> {
+fn mesh_view(config: &Config, tasks: &[TaskSpec]) -> anyhow::Result<(Authorizer, Destinations)> {
     let trust_domain = config
         .identity
         .as_ref()
@@ -154,7 +190,7 @@ fn mesh_view(config: &Config) -> anyhow::Result<(Authorizer, Destinations)> {
         config.mesh.default_policy,
         trust_domain.as_ref(),
     )?;
-    Ok((authorizer, Destinations::new(config)?))
+    Ok((authorizer, Destinations::new(config, tasks)?))
 }
 
 /// The configured capture rules plus every meshed address: connections to meshed workloads
@@ -173,16 +209,59 @@ fn capture_rules(configured: &CaptureSettings, destinations: &Destinations) -> C
     rules
 }
 
+/// The running configuration and what the ECS source discovered.
+struct State {
+    config: Config,
+    discovered: Vec<TaskSpec>,
+}
+
+impl State {
+    /// Static tasks, then discovered ones (a discovered task never replaces a static one of
+    /// the same id).
+    fn tasks(&self) -> Vec<TaskSpec> {
+        let mut all = self.config.tasks.clone();
+        for d in &self.discovered {
+            if all.iter().any(|t| t.id == d.id) {
+                warn!(task = %d.id, "a discovered task has the id of a static task; keeping the static one");
+            } else {
+                all.push(d.clone());
+            }
+        }
+        all
+    }
+}
+
+/// Brings policy, destinations, capture rules and running tasks in line with `state`. Errors
+/// (an invalid view) change nothing; per-task set-up failures are returned.
+async fn apply(
+    state: &State,
+    tasks: &mut TaskManager,
+    capture: &Capture,
+    mesh: &Mesh,
+) -> anyhow::Result<Vec<(String, anyhow::Error)>> {
+    let all = state.tasks();
+    let (authorizer, destinations) = mesh_view(&state.config, &all)?;
+    capture
+        .apply_rules(
+            &capture_rules(&state.config.capture, &destinations),
+            state.config.agent.outbound_port,
+        )
+        .context("capture rules unchanged")?;
+    // Policy and destinations first, so a task started below already sees them.
+    mesh.update(authorizer, destinations);
+    Ok(tasks.reconcile(&all).await)
+}
+
 /// Applies a changed configuration. A file that does not parse or validate changes nothing.
 async fn reload(
     path: &Path,
-    running: &mut Config,
+    state: &mut State,
     tasks: &mut TaskManager,
     capture: &Capture,
     mesh: &Mesh,
 ) {
     let metrics = &mesh.metrics;
-    let new = match Config::load(path) {
+    let mut new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             error!("configuration reload failed, keeping the running configuration: {e:#}");
@@ -190,6 +269,7 @@ async fn reload(
             return;
         }
     };
+    let running = &state.config;
     if new.agent != running.agent {
         warn!("changes to [agent] settings take effect at the next restart");
     }
@@ -198,32 +278,24 @@ async fn reload(
             "changes to [identity] settings take effect at the next restart (the bundle and issuer files themselves are reloaded when they change)"
         );
     }
-    let (authorizer, destinations) = match mesh_view(&new) {
-        Ok(v) => v,
+    if new.ecs != running.ecs {
+        warn!("changes to [ecs] settings take effect at the next restart");
+    }
+    new.agent = running.agent.clone();
+    new.identity = running.identity.clone();
+    new.ecs = running.ecs.clone();
+    let previous = std::mem::replace(&mut state.config, new);
+    match apply(state, tasks, capture, mesh).await {
+        Ok(failures) => {
+            metrics.reload(failures.is_empty());
+            info!(failed_tasks = failures.len(), "configuration reloaded");
+        }
         Err(e) => {
             error!("configuration reload failed, keeping the running configuration: {e:#}");
+            state.config = previous;
             metrics.reload(false);
-            return;
         }
-    };
-    if let Err(e) = capture.apply_rules(
-        &capture_rules(&new.capture, &destinations),
-        running.agent.outbound_port,
-    ) {
-        error!("configuration reload failed, capture rules unchanged: {e:#}");
-        metrics.reload(false);
-        return;
     }
-    // Policy and destinations first, so a task started below already sees them.
-    mesh.update(authorizer, destinations);
-    let failures = tasks.reconcile(&new.tasks).await;
-    metrics.reload(failures.is_empty());
-    running.capture = new.capture;
-    running.mesh = new.mesh;
-    running.tasks = new.tasks;
-    running.endpoints = new.endpoints;
-    running.policies = new.policies;
-    info!(failed_tasks = failures.len(), "configuration reloaded");
 }
 
 /// Polls files' modification time and size; cheap, and works for files replaced by rename
@@ -319,8 +391,11 @@ fn spawn_kernel_logger(capture: &Capture) {
 /// `mesh-agent check-config`: validate without touching the kernel.
 pub fn check_config(path: &Path) -> anyhow::Result<()> {
     let c = Config::load(path)?;
-    if c.tasks.is_empty() {
-        bail!("{}: valid, but lists no tasks to mesh", path.display());
+    if c.tasks.is_empty() && c.ecs.is_none() {
+        bail!(
+            "{}: valid, but lists no tasks to mesh and has no [ecs] task source",
+            path.display()
+        );
     }
     println!(
         "{}: valid ({} tasks, {} remote endpoints, {} policies, capture mode {:?}, {} destinations)",

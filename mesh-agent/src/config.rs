@@ -28,6 +28,9 @@ pub struct Config {
     /// plain TCP (capture only).
     #[serde(default)]
     pub identity: Option<IdentitySettings>,
+    /// The ECS task source: tasks discovered from the ECS agent and the cgroup tree.
+    #[serde(default)]
+    pub ecs: Option<EcsSettings>,
     /// Tasks of this node to mesh (the static task source).
     #[serde(default, rename = "tasks")]
     pub tasks: Vec<TaskSpec>,
@@ -151,6 +154,67 @@ pub struct IdentitySettings {
 
 fn default_workload_cert_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
+}
+
+/// Where the ECS agent is and which of its tasks to mesh.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EcsSettings {
+    /// The ECS agent's introspection API (`/v1/tasks`).
+    pub agent_url: String,
+    /// The ECS agent's credentials endpoint (the host side of 169.254.170.2), used to learn
+    /// each task's IAM role.
+    pub credentials_url: String,
+    /// The `ecstasks.slice` cgroup: relative to the cgroup v2 mount, or absolute under it.
+    pub cgroup_root: PathBuf,
+    /// How often `/v1/tasks` is polled; new task cgroups are seen at once (inotify).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Tasks meshed unless listed otherwise: `mesh` (all but `exclude_families`) or `ignore`
+    /// (only `include_families`).
+    pub default: EcsDefault,
+    pub include_families: Vec<String>,
+    pub exclude_families: Vec<String>,
+    /// How long a new task's first outbound connection may wait for its identity (the IAM role
+    /// is learnt once its first application process runs).
+    #[serde(with = "humantime_serde")]
+    pub attestation_timeout: Duration,
+}
+
+impl Default for EcsSettings {
+    fn default() -> Self {
+        EcsSettings {
+            agent_url: "http://127.0.0.1:51678".into(),
+            credentials_url: "http://127.0.0.1:51679".into(),
+            cgroup_root: PathBuf::from("ecstasks.slice"),
+            poll_interval: Duration::from_secs(5),
+            default: EcsDefault::Mesh,
+            include_families: Vec::new(),
+            exclude_families: Vec::new(),
+            attestation_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EcsDefault {
+    #[default]
+    Mesh,
+    Ignore,
+}
+
+impl EcsSettings {
+    /// Whether tasks of `family` are meshed.
+    pub fn meshes(&self, family: &str) -> bool {
+        if self.exclude_families.iter().any(|f| f == family) {
+            return false;
+        }
+        match self.default {
+            EcsDefault::Mesh => true,
+            EcsDefault::Ignore => self.include_families.iter().any(|f| f == family),
+        }
+    }
 }
 
 /// A meshed workload on another node, reached through the tunnel to its agent.
@@ -301,6 +365,21 @@ pub struct TaskSpec {
     /// mutual-TLS connections.
     #[serde(default)]
     pub role_arn: Option<String>,
+    /// Discovered tasks only: the role is not known yet (no application process has run).
+    /// Outbound connections wait for it up to `ecs.attestation_timeout`.
+    #[serde(skip)]
+    pub role_pending: bool,
+}
+
+impl TaskSpec {
+    /// Equal but for the identity, which changes without restarting the task.
+    pub fn same_placement(&self, other: &TaskSpec) -> bool {
+        self.id == other.id
+            && self.cgroup == other.cgroup
+            && self.netns == other.netns
+            && self.pid == other.pid
+            && self.addresses == other.addresses
+    }
 }
 
 impl TaskSpec {
@@ -383,8 +462,22 @@ impl Config {
                 RoleArn::from_str(arn).with_context(|| format!("tasks[{i}].role_arn"))?;
             }
         }
+        if let Some(ecs) = &self.ecs {
+            for (name, url) in [
+                ("ecs.agent_url", &ecs.agent_url),
+                ("ecs.credentials_url", &ecs.credentials_url),
+            ] {
+                crate::ecs::parse_http_url(url).with_context(|| name.to_owned())?;
+            }
+            if ecs.poll_interval.is_zero() {
+                bail!("ecs.poll_interval must be more than 0s");
+            }
+            if ecs.cgroup_root.components().any(|c| c.as_os_str() == "..") {
+                bail!("ecs.cgroup_root must not contain `..`");
+            }
+        }
         // The typed views used at run time validate the rest (and name the entry).
-        Destinations::new(self)?;
+        Destinations::new(self, &self.tasks)?;
         Authorizer::new(
             &self.policies,
             self.mesh.default_policy,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 
-use crate::config::{Config, Egress};
+use crate::config::{Config, Egress, TaskSpec};
 use crate::identity::{RoleArn, SpiffeId, TrustDomain};
 
 /// Where a connection goes.
@@ -53,8 +53,9 @@ pub struct Destinations {
 }
 
 impl Destinations {
-    /// Builds the table from the configuration; errors name the offending entry.
-    pub fn new(config: &Config) -> anyhow::Result<Destinations> {
+    /// Builds the table from the configuration and this node's tasks (static and discovered);
+    /// errors name the offending entry.
+    pub fn new(config: &Config, tasks: &[TaskSpec]) -> anyhow::Result<Destinations> {
         let trust_domain = config
             .identity
             .as_ref()
@@ -63,7 +64,7 @@ impl Destinations {
             .context("identity.trust_domain")?;
         let mut by_ip = HashMap::new();
         let mut workloads = HashMap::new();
-        for task in &config.tasks {
+        for task in tasks {
             let task_id: Arc<str> = task.id.as_str().into();
             let identity = match (&task.role_arn, &trust_domain) {
                 (Some(arn), Some(td)) => Some(RoleArn::from_str(arn)?.to_spiffe_id(td)),
@@ -208,7 +209,7 @@ mod tests {
             tunnel_port = 16008
             "#,
         );
-        let d = Destinations::new(&c).unwrap();
+        let d = Destinations::new(&c, &c.tasks).unwrap();
         let at = |s: &str| d.resolve(s.parse().unwrap());
         let Target::Local(a) = at("198.18.1.2:80") else {
             panic!("a is local")
@@ -239,7 +240,7 @@ mod tests {
     fn egress_deny_refuses_the_rest() {
         let mut c = config("");
         c.mesh.egress = Egress::Deny;
-        let d = Destinations::new(&c).unwrap();
+        let d = Destinations::new(&c, &c.tasks).unwrap();
         assert_eq!(
             d.resolve("203.0.113.1:443".parse().unwrap()),
             Target::Refused

@@ -5,6 +5,7 @@ mod capture;
 mod certs;
 mod config;
 mod destinations;
+mod ecs;
 mod endpoints;
 mod identity;
 mod live;

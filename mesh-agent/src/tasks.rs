@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::capture::{Attachment, Capture};
+use crate::certs::WorkloadSlot;
 use crate::config::{AgentSettings, TaskSpec};
 use crate::identity::RoleArn;
 use crate::metrics::Metrics;
@@ -25,9 +27,26 @@ use crate::tunnel::{InboundContext, serve_inbound};
 /// kernel redirected just before the detach are still in the accept queue.
 const ACCEPT_GRACE: Duration = Duration::from_millis(200);
 
+/// What is known of a task's workload identity.
+#[derive(Clone, Debug)]
+pub enum Identity {
+    /// A discovered task whose role is not known yet: its meshed connections wait for it.
+    Pending,
+    /// No role (or no trust material): meshed destinations are refused.
+    None,
+    Attested(Arc<WorkloadSlot>),
+}
+
 struct RunningTask {
     spec: TaskSpec,
     attachment: Attachment,
+    /// The task netns, as the kernel's READY_NETNS map knows it.
+    netns_cookie: u64,
+    netns: Arc<NetnsWorker>,
+    identity: watch::Sender<Identity>,
+    /// The tunnel listener, once the task has an identity.
+    tunnel: Option<JoinHandle<()>>,
+    connection_set: ConnectionSet,
     /// Stops the accept loops.
     stop_accepting: CancellationToken,
     /// The accept loops, awaited so that no connection is accepted after a drain began.
@@ -43,6 +62,11 @@ pub struct TaskManager {
     mesh: Arc<Mesh>,
     settings: AgentSettings,
     running: HashMap<String, RunningTask>,
+    /// Programs attached to task cgroups that are not (yet) running tasks: a discovered task's
+    /// cgroup gets them as soon as it exists, before its first process.
+    early: HashMap<PathBuf, Attachment>,
+    /// How long an outbound connection waits for a pending identity.
+    attestation_timeout: Duration,
     /// Every connection of every task, for the drain at shutdown.
     all_connections: TaskTracker,
     /// Fired when the drain deadline passes: ends the connections still open.
@@ -55,6 +79,7 @@ impl TaskManager {
         capture: Arc<Capture>,
         mesh: Arc<Mesh>,
         settings: AgentSettings,
+        attestation_timeout: Duration,
     ) -> TaskManager {
         TaskManager {
             cgroup2_root,
@@ -63,6 +88,8 @@ impl TaskManager {
             mesh,
             settings,
             running: HashMap::new(),
+            early: HashMap::new(),
+            attestation_timeout,
             all_connections: TaskTracker::new(),
             abort_connections: CancellationToken::new(),
         }
@@ -76,7 +103,11 @@ impl TaskManager {
         let gone: Vec<String> = self
             .running
             .iter()
-            .filter(|(id, t)| !desired.iter().any(|d| &d.id == *id && *d == t.spec))
+            .filter(|(id, t)| {
+                !desired
+                    .iter()
+                    .any(|d| &d.id == *id && d.same_placement(&t.spec))
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
@@ -84,28 +115,139 @@ impl TaskManager {
         }
         let mut failures = Vec::new();
         for spec in desired {
-            if self.running.contains_key(&spec.id) {
-                continue;
-            }
-            match self.start(spec).await {
-                Ok(task) => {
-                    info!(task = %spec.id, cgroup = %spec.cgroup.display(), "task meshed");
-                    self.running.insert(spec.id.clone(), task);
+            let result = match self.running.get_mut(&spec.id) {
+                // Same task, same place: only its identity may have changed (a discovered task
+                // whose role was just learnt), which needs no restart.
+                Some(task) if task.spec == *spec => continue,
+                Some(task) => {
+                    let updated =
+                        Self::apply_identity(&self.mesh, &self.settings, task, spec).await;
+                    if updated.is_ok() {
+                        task.spec = spec.clone();
+                    }
+                    updated
                 }
-                Err(e) => {
-                    let e = e.context(format!("task \"{}\"", spec.id));
-                    warn!("{e:#}");
-                    self.metrics.task_setup_error(&spec.id);
-                    failures.push((spec.id.clone(), e));
-                }
+                None => match self.start(spec).await {
+                    Ok(task) => {
+                        info!(task = %spec.id, cgroup = %spec.cgroup.display(), "task meshed");
+                        self.running.insert(spec.id.clone(), task);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = result {
+                let e = e.context(format!("task \"{}\"", spec.id));
+                warn!("{e:#}");
+                self.metrics.task_setup_error(&spec.id);
+                failures.push((spec.id.clone(), e));
             }
         }
         self.metrics.tasks_meshed.set(self.running.len() as i64);
         failures
     }
 
-    async fn start(&self, spec: &TaskSpec) -> anyhow::Result<RunningTask> {
-        let started = self.start_inner(spec).await;
+    /// Attaches the capture programs to a task cgroup that just appeared, before any of its
+    /// processes runs. They capture nothing until the task's listeners are up.
+    pub fn attach_early(&mut self, cgroup: &Path) {
+        let Ok(cgroup) = self.resolve_cgroup(cgroup) else {
+            return;
+        };
+        let known = self.early.contains_key(&cgroup)
+            || self
+                .running
+                .values()
+                .any(|t| self.resolve_cgroup(&t.spec.cgroup).ok().as_ref() == Some(&cgroup));
+        if known {
+            return;
+        }
+        match self.capture.attach(&cgroup) {
+            Ok(a) => {
+                debug!(cgroup = %cgroup.display(), "programs attached to a new task cgroup");
+                self.early.insert(cgroup, a);
+            }
+            Err(e) => warn!("{e:#}"),
+        }
+    }
+
+    /// Detaches early programs of a cgroup that went away without becoming a running task.
+    pub fn release_early(&mut self, cgroup: &Path) {
+        let full = if cgroup.is_absolute() {
+            cgroup.to_owned()
+        } else {
+            self.cgroup2_root.join(cgroup)
+        };
+        if let Some(a) = self.early.remove(&full)
+            && let Err(e) = self.capture.detach(a)
+        {
+            debug!("{e:#}");
+        }
+    }
+
+    /// Brings a running task's identity in line with `spec`: mints its certificate and opens
+    /// its tunnel listener once the role is known.
+    async fn apply_identity(
+        mesh: &Arc<Mesh>,
+        settings: &AgentSettings,
+        task: &mut RunningTask,
+        spec: &TaskSpec,
+    ) -> anyhow::Result<()> {
+        let identity = match (&spec.role_arn, &mesh.certs) {
+            _ if spec.role_pending => Identity::Pending,
+            (Some(arn), Some(certs)) => {
+                let id = arn
+                    .parse::<RoleArn>()
+                    .context("role_arn")?
+                    .to_spiffe_id(certs.trust().trust_domain());
+                let current = task.identity.borrow().clone();
+                match current {
+                    Identity::Attested(slot) if *slot.id() == id => Identity::Attested(slot),
+                    _ => Identity::Attested(certs.add(&spec.id, id)?),
+                }
+            }
+            _ => Identity::None,
+        };
+        if let (Identity::Attested(slot), Some(certs), None) =
+            (&identity, &mesh.certs, &task.tunnel)
+        {
+            // The tunnel listener: where peer agents deliver connections for this task. Only a
+            // task with an identity can prove itself to them.
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, settings.tunnel_port));
+            let listener = task.netns.bind(addr).await.with_context(|| {
+                format!("cannot listen on the tunnel port {addr} in the task's netns")
+            })?;
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .context("cannot register the tunnel listener with the runtime")?;
+            let inbound = Arc::new(InboundContext {
+                task_id: spec.id.as_str().into(),
+                slot: slot.clone(),
+                certs: certs.clone(),
+                netns: task.netns.clone(),
+                addresses: spec.addresses.clone(),
+                mesh: mesh.clone(),
+                connect_timeout: settings.connect_timeout,
+                connections: task.connection_set.clone(),
+                tls: Default::default(),
+            });
+            task.tunnel = Some(tokio::spawn(serve_inbound(
+                listener,
+                inbound,
+                task.stop_accepting.clone(),
+            )));
+        }
+        if matches!(identity, Identity::None)
+            && let Some(certs) = &mesh.certs
+        {
+            certs.remove(&spec.id);
+        }
+        task.identity.send_replace(identity);
+        Ok(())
+    }
+
+    async fn start(&mut self, spec: &TaskSpec) -> anyhow::Result<RunningTask> {
+        let cgroup = self.resolve_cgroup(&spec.cgroup)?;
+        let early = self.early.remove(&cgroup);
+        let started = self.start_inner(spec, &cgroup, early).await;
         if started.is_err()
             && let Some(certs) = &self.mesh.certs
         {
@@ -114,29 +256,29 @@ impl TaskManager {
         started
     }
 
-    async fn start_inner(&self, spec: &TaskSpec) -> anyhow::Result<RunningTask> {
-        let cgroup = self.resolve_cgroup(&spec.cgroup)?;
-        let netns = Arc::new(NetnsWorker::spawn(&spec.id, &spec.netns_path())?);
-        let task_id: Arc<str> = spec.id.as_str().into();
-
-        // The workload identity, when the task has a role and the mesh has trust material.
-        let slot = match (&spec.role_arn, &self.mesh.certs) {
-            (Some(arn), Some(certs)) => {
-                let id = arn
-                    .parse::<RoleArn>()
-                    .context("role_arn")?
-                    .to_spiffe_id(certs.trust().trust_domain());
-                Some(certs.add(&spec.id, id)?)
+    async fn start_inner(
+        &self,
+        spec: &TaskSpec,
+        cgroup: &Path,
+        early: Option<Attachment>,
+    ) -> anyhow::Result<RunningTask> {
+        let netns = match NetnsWorker::spawn(&spec.id, &spec.netns_path()) {
+            Ok(n) => Arc::new(n),
+            Err(e) => {
+                if let Some(a) = early {
+                    let _ = self.capture.detach(a);
+                }
+                return Err(e);
             }
-            _ => None,
         };
+        let task_id: Arc<str> = spec.id.as_str().into();
 
         let port = self.settings.outbound_port;
         let v4_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let v4 = netns.bind(v4_addr).await?;
         let cookie = netns_cookie(&v4).context("cannot read the netns cookie of the listener")?;
         // IPv6 is optional: tasks often have it disabled. Without the listener, IPv6 connects of
-        // the task are not captured (connect6 is not attached) rather than refused.
+        // the task are not captured rather than refused.
         let v6_addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
         let v6 = match netns.bind(v6_addr).await {
             Ok(l) => Some(l),
@@ -150,9 +292,11 @@ impl TaskManager {
             listen_addrs.push(v6_addr);
         }
 
+        let (identity, identity_rx) = watch::channel(Identity::Pending);
         let ctx = Arc::new(OutboundContext {
             task_id: task_id.clone(),
-            slot: slot.clone(),
+            identity: identity_rx,
+            attestation_timeout: self.attestation_timeout,
             mesh: self.mesh.clone(),
             netns: netns.clone(),
             capture: self.capture.clone(),
@@ -171,34 +315,6 @@ impl TaskManager {
         // Until set-up succeeds, any early return stops what was already started.
         let stop_on_error = stop_accepting.clone().drop_guard();
 
-        // The tunnel listener: where peer agents deliver connections for this task. Only a
-        // task with an identity can prove itself to them.
-        let mut tunnel_listener = None;
-        if let (Some(slot), Some(certs)) = (&slot, &self.mesh.certs) {
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.settings.tunnel_port));
-            let listener = netns.bind(addr).await.with_context(|| {
-                format!("cannot listen on the tunnel port {addr} in the task's netns")
-            })?;
-            let listener = tokio::net::TcpListener::from_std(listener)
-                .context("cannot register the tunnel listener with the runtime")?;
-            let inbound = Arc::new(InboundContext {
-                task_id: task_id.clone(),
-                slot: slot.clone(),
-                certs: certs.clone(),
-                netns: netns.clone(),
-                addresses: spec.addresses.clone(),
-                mesh: self.mesh.clone(),
-                connect_timeout: self.settings.connect_timeout,
-                connections: connections.clone(),
-                tls: Default::default(),
-            });
-            tunnel_listener = Some(tokio::spawn(serve_inbound(
-                listener,
-                inbound,
-                stop_accepting.clone(),
-            )));
-        }
-
         let registered = std::iter::once(v4)
             .chain(v6)
             .map(tokio::net::TcpListener::from_std)
@@ -214,18 +330,34 @@ impl TaskManager {
                     connections.clone(),
                 ))
             })
-            .chain(tunnel_listener)
             .collect();
-        // Last: from here on the task's connects arrive at the listeners above.
-        let attachment = self.capture.attach(&cgroup, ipv6)?;
-        stop_on_error.disarm();
-        Ok(RunningTask {
+        let attachment = match early {
+            Some(a) => a,
+            None => self.capture.attach(cgroup)?,
+        };
+        let mut task = RunningTask {
             spec: spec.clone(),
             attachment,
-            stop_accepting,
+            netns_cookie: cookie,
+            netns,
+            identity,
+            tunnel: None,
+            connection_set: connections.clone(),
+            stop_accepting: stop_accepting.clone(),
             listeners,
             connections: connections.task,
-        })
+        };
+        let ready = match Self::apply_identity(&self.mesh, &self.settings, &mut task, spec).await {
+            // Last: from here on the task's connects arrive at the listeners above.
+            Ok(()) => self.capture.listeners_ready(cookie, ipv6),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ready {
+            let _ = self.capture.detach(task.attachment);
+            return Err(e);
+        }
+        stop_on_error.disarm();
+        Ok(task)
     }
 
     /// Stops capturing a task. Its open connections finish on their own (or at the shutdown
@@ -237,12 +369,13 @@ impl TaskManager {
         if let Err(e) = self.capture.detach(task.attachment) {
             warn!(task = %id, "{e:#}");
         }
+        self.capture.listeners_gone(task.netns_cookie);
         if let Some(certs) = &self.mesh.certs {
             certs.remove(id);
         }
         tokio::time::sleep(ACCEPT_GRACE).await;
         task.stop_accepting.cancel();
-        for l in task.listeners {
+        for l in task.listeners.into_iter().chain(task.tunnel) {
             let _ = l.await;
         }
         task.connections.close();
@@ -265,7 +398,14 @@ impl TaskManager {
             if let Err(e) = self.capture.detach(task.attachment) {
                 warn!(task = %task.spec.id, "{e:#}");
             }
-            accepting.push((task.stop_accepting, task.listeners));
+            self.capture.listeners_gone(task.netns_cookie);
+            accepting.push((
+                task.stop_accepting,
+                task.listeners.into_iter().chain(task.tunnel),
+            ));
+        }
+        for (_, a) in self.early.drain() {
+            let _ = self.capture.detach(a);
         }
         self.metrics.tasks_meshed.set(0);
         tokio::time::sleep(ACCEPT_GRACE).await;

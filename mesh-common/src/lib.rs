@@ -89,6 +89,12 @@ pub const SETTINGS_CAPTURE_ALL: u32 = 1 << 0;
 /// Settings have been written by the agent. Until then the programs capture nothing.
 pub const SETTINGS_READY: u32 = 1 << 1;
 
+/// Entries of `READY_NETNS`: task netns whose outbound listeners are up.
+pub const READY_NETNS_ENTRIES: u32 = 16_384;
+/// `READY_NETNS` value bits: which outbound listeners exist in that netns.
+pub const NETNS_LISTENER_V4: u32 = 1 << 0;
+pub const NETNS_LISTENER_V6: u32 = 1 << 1;
+
 /// Indices of the per-CPU `STATS` array: what the connect hooks decided, and what happened to
 /// original destinations.
 pub mod stat {
@@ -103,8 +109,11 @@ pub mod stat {
     pub const BYPASS_NOT_READY: u32 = 8;
     pub const ORIGINAL_DST_RECORDED: u32 = 9;
     pub const ORIGINAL_DST_SAVE_FAILED: u32 = 10;
+    /// Would have been captured, but the agent's listener in the socket's netns is not up yet
+    /// (the task's cgroup got programs before its first process created the netns).
+    pub const BYPASS_NO_LISTENER: u32 = 11;
     /// Number of slots; keep in step with [`NAMES`].
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
 
     /// Metric label for each slot, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -119,6 +128,7 @@ pub mod stat {
         "bypass_not_ready",
         "original_dst_recorded",
         "original_dst_save_failed",
+        "bypass_no_listener",
     ];
 }
 

@@ -29,8 +29,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    ConnKey, DestV4, DestV6, EXCLUDED_PORT_ENTRIES, FAMILY_V4, FAMILY_V6, ORIGINAL_DST_MAP_ENTRIES,
-    OriginalDst, RULE_MAP_ENTRIES, SETTINGS_CAPTURE_ALL, SETTINGS_READY, Settings, stat,
+    ConnKey, DestV4, DestV6, EXCLUDED_PORT_ENTRIES, FAMILY_V4, FAMILY_V6, NETNS_LISTENER_V4,
+    NETNS_LISTENER_V6, ORIGINAL_DST_MAP_ENTRIES, OriginalDst, READY_NETNS_ENTRIES,
+    RULE_MAP_ENTRIES, SETTINGS_CAPTURE_ALL, SETTINGS_READY, Settings, stat,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -45,6 +46,13 @@ static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Task netns (by netns cookie) whose outbound listeners the agent has bound, with which
+/// families. Programs are attached to a task's cgroup as soon as it exists, before the task's
+/// netns does; until the agent has a listener there, connects go direct instead of to a closed
+/// port.
+#[map]
+static READY_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(READY_NETNS_ENTRIES, 0);
 
 /// Exact `ip:port` destinations to capture.
 #[map]
@@ -107,6 +115,18 @@ fn precheck(sa: &bpf_sock_addr) -> Result<Settings, Verdict> {
         return Err(stat::BYPASS_AGENT);
     }
     Ok(settings)
+}
+
+/// Whether the agent's listener for `family_bit` is up in the calling socket's netns.
+#[inline(always)]
+fn listener_ready(ctx: &SockAddrContext, family_bit: u32) -> bool {
+    // SAFETY: the helper only reads the context the kernel passed to this program.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut c_void) };
+    // SAFETY: a plain read of a u32 map value.
+    match unsafe { READY_NETNS.get(&netns) } {
+        Some(bits) => bits & family_bit != 0,
+        None => false,
+    }
 }
 
 /// The rule lookup for an IPv4 destination (also used for v4-mapped IPv6 destinations).
@@ -197,6 +217,10 @@ pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
         count(verdict);
         return ALLOW;
     }
+    if !listener_ready(&ctx, NETNS_LISTENER_V4) {
+        count(stat::BYPASS_NO_LISTENER);
+        return ALLOW;
+    }
     let mut orig = [0u8; 16];
     orig[..4].copy_from_slice(&addr);
     let dst = OriginalDst {
@@ -268,6 +292,15 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
     };
     if verdict != stat::CAPTURED {
         count(verdict);
+        return ALLOW;
+    }
+    let listener = if v4_mapped {
+        NETNS_LISTENER_V4
+    } else {
+        NETNS_LISTENER_V6
+    };
+    if !listener_ready(&ctx, listener) {
+        count(stat::BYPASS_NO_LISTENER);
         return ALLOW;
     }
     if !save_original(&ctx, &dst) {

@@ -41,6 +41,8 @@ pub struct Capture {
     control: Mutex<Ebpf>,
     /// The accept path's map, kept apart so lookups never wait behind a reload.
     dst_by_conn: Mutex<HashMap<MapData, ConnKey, OriginalDst>>,
+    /// Which task netns have outbound listeners; the connect hooks capture only there.
+    ready_netns: Mutex<HashMap<MapData, u64, u32>>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -69,10 +71,12 @@ impl Capture {
         prog.load().map_err(|e| load_error(PROG_SOCK_OPS, e))?;
 
         let dst_by_conn = HashMap::try_from(take_map(&mut ebpf, "DST_BY_CONN")?)?;
+        let ready_netns = HashMap::try_from(take_map(&mut ebpf, "READY_NETNS")?)?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)?;
         Ok(Capture {
             control: Mutex::new(ebpf),
             dst_by_conn: Mutex::new(dst_by_conn),
+            ready_netns: Mutex::new(ready_netns),
             stats,
         })
     }
@@ -113,10 +117,29 @@ impl Capture {
         Ok(())
     }
 
-    /// Attaches the capture programs to a task cgroup. `ipv6` says whether the task has an IPv6
-    /// outbound listener; without one, IPv6 connects are left alone rather than redirected to a
-    /// closed port.
-    pub fn attach(&self, cgroup: &Path, ipv6: bool) -> anyhow::Result<Attachment> {
+    /// Tells the connect hooks that the outbound listeners of the netns with this cookie are up
+    /// (`v6`: also the IPv6 one). Until then, and for a family without a listener, connects in
+    /// that netns go direct rather than to a closed port.
+    pub fn listeners_ready(&self, netns_cookie: u64, v6: bool) -> anyhow::Result<()> {
+        let mut bits = mesh_common::NETNS_LISTENER_V4;
+        if v6 {
+            bits |= mesh_common::NETNS_LISTENER_V6;
+        }
+        let mut map = self.ready_netns.lock().expect("capture lock poisoned");
+        map.insert(netns_cookie, bits, 0)
+            .context("cannot record the listeners in the READY_NETNS map (is it full?)")
+    }
+
+    /// Forgets a netns whose listeners are closing.
+    pub fn listeners_gone(&self, netns_cookie: u64) {
+        let mut map = self.ready_netns.lock().expect("capture lock poisoned");
+        let _ = map.remove(&netns_cookie);
+    }
+
+    /// Attaches the capture programs (both families) to a task cgroup. They capture nothing in
+    /// a netns until [`Capture::listeners_ready`] names it, so programs may be attached before
+    /// the task's first process exists.
+    pub fn attach(&self, cgroup: &Path) -> anyhow::Result<Attachment> {
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
         let mut ebpf = self.control.lock().expect("capture lock poisoned");
@@ -132,8 +155,7 @@ impl Capture {
             sock_ops,
             sock_addr: Vec::with_capacity(4),
         };
-        let v6: &[&'static str] = if ipv6 { &SOCK_ADDR_V6 } else { &[] };
-        for &name in SOCK_ADDR_V4.iter().chain(v6) {
+        for &name in SOCK_ADDR_V4.iter().chain(&SOCK_ADDR_V6) {
             // Single means "no attach flags": a BPF link always coexists with other links on the
             // same cgroup (bpf_link_create rejects BPF_F_ALLOW_MULTI), so other tools and a second
             // agent during a rolling update can attach too; a connect already rewritten to

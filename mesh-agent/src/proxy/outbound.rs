@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -18,13 +19,16 @@ use crate::destinations::Target;
 use crate::metrics::{ConnectErrorReason, TaskMetrics, TcpLabels, UNKNOWN};
 use crate::netns::NetnsWorker;
 use crate::policy::{Decision, role_of};
+use crate::tasks::Identity;
 use crate::tunnel::{Source, TunnelError, TunnelStream};
 
 /// Everything the outbound path of one task needs.
 pub struct OutboundContext {
     pub task_id: Arc<str>,
-    /// The task's workload certificate; `None` for a task without identity.
-    pub slot: Option<Arc<WorkloadSlot>>,
+    /// The task's workload identity, which a discovered task may still be waiting for.
+    pub identity: watch::Receiver<Identity>,
+    /// How long a meshed connection waits for a pending identity.
+    pub attestation_timeout: Duration,
     pub mesh: Arc<Mesh>,
     pub netns: Arc<NetnsWorker>,
     pub capture: Arc<Capture>,
@@ -75,8 +79,18 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
         return;
     }
     let target = ctx.mesh.destinations().resolve(dst);
-    let source_principal = ctx
-        .slot
+    // Meshed destinations need the identity and wait for a pending one; others only report it
+    // when it is already known.
+    let slot = match target {
+        Target::Local(_) | Target::Remote(_) if ctx.mesh.certs.is_some() => {
+            ctx.workload_identity().await
+        }
+        _ => match &*ctx.identity.borrow() {
+            Identity::Attested(slot) => Some(slot.clone()),
+            _ => None,
+        },
+    };
+    let source_principal = slot
         .as_ref()
         .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string());
     let mut labels = TcpLabels {
@@ -108,7 +122,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
             }
         }
         Target::Local(local) => {
-            let Some(slot) = &ctx.slot else {
+            let Some(slot) = &slot else {
                 return refuse_without_identity(ctx, client, dst);
             };
             labels.destination_workload = local.task.to_string();
@@ -141,7 +155,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
             }
         }
         Target::Remote(remote) => {
-            let (Some(slot), Some(pool)) = (&ctx.slot, &ctx.mesh.pool) else {
+            let (Some(slot), Some(pool)) = (&slot, &ctx.mesh.pool) else {
                 return refuse_without_identity(ctx, client, dst);
             };
             labels.destination_workload = remote.name.to_string();
@@ -228,6 +242,34 @@ fn refuse_unreachable(
     info!(task = %ctx.task_id, %dst, error = %e, "cannot connect to the destination");
     ctx.metrics.connect_error(reason);
     reset(client);
+}
+
+impl OutboundContext {
+    /// The task's certificate; waits up to the attestation timeout while the task's role is
+    /// still being learnt (a new task's first connection).
+    async fn workload_identity(&self) -> Option<Arc<WorkloadSlot>> {
+        let mut identity = self.identity.clone();
+        let wait = async {
+            loop {
+                let current = identity.borrow_and_update().clone();
+                match current {
+                    Identity::Attested(slot) => return Some(slot),
+                    Identity::None => return None,
+                    Identity::Pending => {
+                        if identity.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(self.attestation_timeout, wait)
+            .await
+            .unwrap_or_else(|_| {
+                info!(task = %self.task_id, "the task's identity is still unknown after {}; treating it as none", humantime::format_duration(self.attestation_timeout));
+                None
+            })
+    }
 }
 
 /// A task without a workload identity cannot prove who it is to a meshed destination.
