@@ -99,6 +99,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     if let Some(ecs) = &state.config.ecs {
         ecs::spawn(
             ecs.clone(),
+            metrics.clone(),
             &host.cgroup2_root,
             ecs_events,
             stop_sources.clone(),

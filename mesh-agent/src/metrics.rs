@@ -60,6 +60,11 @@ pub enum ConnectErrorReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
 }
@@ -140,6 +145,11 @@ pub struct Metrics {
     workload_cert_series: Mutex<HashMap<String, WorkloadCertLabels>>,
     cert_renewal_failures: Family<TaskLabels, Counter>,
     trust_reloads: Family<ReloadLabels, Counter>,
+    /// Tasks the ECS source currently reports.
+    pub ecs_tasks: Gauge,
+    ecs_attestations: Family<ResultLabels, Counter>,
+    /// Failed reads of the ECS agent's task list.
+    pub ecs_agent_errors: Counter,
     captured: Family<TaskLabels, Counter>,
     opened: Family<TaskLabels, Counter>,
     closed: Family<TaskLabels, Counter>,
@@ -208,6 +218,9 @@ impl Metrics {
             workload_cert_series: Mutex::new(HashMap::new()),
             cert_renewal_failures: Family::default(),
             trust_reloads: Family::default(),
+            ecs_tasks: Gauge::default(),
+            ecs_attestations: Family::default(),
+            ecs_agent_errors: Counter::default(),
         };
         let reg = &mut registry;
         reg.register(
@@ -329,6 +342,21 @@ impl Metrics {
             "mesh_trust_reloads",
             "Reloads of the trust bundle and issuer files, by result",
             m.trust_reloads.clone(),
+        );
+        reg.register(
+            "mesh_ecs_tasks",
+            "Live, meshed tasks the ECS task source currently reports",
+            m.ecs_tasks.clone(),
+        );
+        reg.register(
+            "mesh_ecs_attestations",
+            "Role attestations by result: role, no_role, retry (e.g. 503 from the credentials endpoint)",
+            m.ecs_attestations.clone(),
+        );
+        reg.register(
+            "mesh_ecs_agent_errors",
+            "Failed reads of the ECS agent's task list (the last known list stays in force)",
+            m.ecs_agent_errors.clone(),
         );
         reg.register_collector(Box::new(KernelStats { capture }));
         Metrics { registry, ..m }
@@ -502,6 +530,12 @@ impl Metrics {
             .get_or_create(&TaskLabels {
                 task: task.to_owned(),
             })
+            .inc();
+    }
+
+    pub fn ecs_attestation(&self, result: &'static str) {
+        self.ecs_attestations
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
 

@@ -22,6 +22,7 @@ mod model;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -36,6 +37,7 @@ pub use http::parse_http_url;
 
 use crate::config::{EcsSettings, TaskSpec};
 use crate::identity::RoleArn;
+use crate::metrics::Metrics;
 use attest::Attestation;
 
 /// What the source tells the agent.
@@ -60,6 +62,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Starts the source; it runs until `stop` fires.
 pub fn spawn(
     settings: EcsSettings,
+    metrics: Arc<Metrics>,
     cgroup2_root: &Path,
     events: mpsc::Sender<EcsEvent>,
     stop: CancellationToken,
@@ -73,6 +76,7 @@ pub fn spawn(
         agent: parse_http_url(&settings.agent_url).context("ecs.agent_url")?,
         credentials: parse_http_url(&settings.credentials_url).context("ecs.credentials_url")?,
         settings,
+        metrics,
         root,
         events,
         roles: HashMap::new(),
@@ -94,6 +98,7 @@ enum Role {
 
 struct Source {
     settings: EcsSettings,
+    metrics: Arc<Metrics>,
     agent: SocketAddr,
     credentials: SocketAddr,
     /// The `ecstasks.slice` directory.
@@ -166,6 +171,7 @@ impl Source {
                 t
             }
             Err(e) => {
+                self.metrics.ecs_agent_errors.inc();
                 if self.agent_down_since.is_none() {
                     warn!(
                         "cannot read the task list from the ECS agent at {}, keeping the current tasks: {e:#}",
@@ -231,6 +237,7 @@ impl Source {
         self.chosen_pid.retain(|arn, _| live.contains(arn));
         self.warned.retain(|(arn, _)| live.contains(arn));
         specs.sort_by(|a, b| a.id.cmp(&b.id));
+        self.metrics.ecs_tasks.set(specs.len() as i64);
         if self.last.as_ref() != Some(&specs) {
             debug!(tasks = specs.len(), "discovered tasks changed");
             self.last = Some(specs.clone());
@@ -269,12 +276,14 @@ impl Source {
         };
         match attest::attest(pids, self.credentials, REQUEST_TIMEOUT).await {
             Attestation::Role(role) => {
+                self.metrics.ecs_attestation("role");
                 info!(task = %arn, role = %role, "task role attested");
                 self.roles
                     .insert(arn.to_owned(), Role::Known(Some(role.clone())));
                 RoleOutcome::Known(Some(role))
             }
             Attestation::NoRole => {
+                self.metrics.ecs_attestation("no_role");
                 info!(task = %arn, "task has no IAM role: it gets no workload identity");
                 self.roles.insert(arn.to_owned(), Role::Known(None));
                 RoleOutcome::Known(None)
@@ -291,6 +300,7 @@ impl Source {
                 RoleOutcome::Pending(RETRY_MIN)
             }
             Attestation::Retry(why) => {
+                self.metrics.ecs_attestation("retry");
                 info!(task = %arn, retry_in = ?backoff, "task role not known yet: {why}");
                 let next = (backoff * 2).min(RETRY_MAX);
                 self.roles.insert(

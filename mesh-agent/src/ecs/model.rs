@@ -2,12 +2,17 @@
 //! lenient: unknown fields are ignored and optional ones may be missing, because the agent adds
 //! fields between versions.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
+
+/// The ECS agent is written in Go: an empty list may arrive as `null`.
+fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct TasksResponse {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub tasks: Vec<Task>,
 }
 
@@ -21,14 +26,14 @@ pub struct Task {
     pub known_status: String,
     #[serde(default)]
     pub family: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub containers: Vec<Container>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Container {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub networks: Vec<Network>,
 }
 
@@ -37,9 +42,9 @@ pub struct Container {
 pub struct Network {
     #[serde(default)]
     pub network_mode: String,
-    #[serde(default, rename = "IPv4Addresses")]
+    #[serde(default, rename = "IPv4Addresses", deserialize_with = "null_as_empty")]
     pub ipv4_addresses: Vec<String>,
-    #[serde(default, rename = "IPv6Addresses")]
+    #[serde(default, rename = "IPv6Addresses", deserialize_with = "null_as_empty")]
     pub ipv6_addresses: Vec<String>,
 }
 
@@ -95,7 +100,7 @@ mod tests {
   "DockerName":"ecs-orders-7-app-cca48e8dcadd97805600","Name":"app",
   "Ports":[{"ContainerPort":8080,"Protocol":"tcp","HostPort":8080}],
   "Networks":[{"NetworkMode":"awsvpc","IPv4Addresses":["10.0.2.106"]}]}]},
-  {"Arn":"arn:aws:ecs:us-west-2:111122223333:task/old","KnownStatus":"STOPPED","Family":"x","Containers":[]}]}"#;
+  {"Arn":"arn:aws:ecs:us-west-2:111122223333:task/old","KnownStatus":"STOPPED","Family":"x","Containers":null}]}"#;
         let r: TasksResponse = serde_json::from_str(json).unwrap();
         assert_eq!(r.tasks.len(), 2);
         let t = &r.tasks[0];
