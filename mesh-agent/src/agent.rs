@@ -1,5 +1,6 @@
 //! `mesh-agent run`: start-up, the signal and reload loop, and orderly shutdown.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,6 +21,8 @@ use crate::metrics::Metrics;
 use crate::policy::Authorizer;
 use crate::preflight;
 use crate::proxy::Mesh;
+use crate::routing::outlier::OutlierDetector;
+use crate::services;
 use crate::tasks::TaskManager;
 use crate::tunnel::Pool;
 
@@ -44,10 +47,13 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     };
     spawn_kernel_logger(&capture);
     let mut state = State {
+        discovered_endpoints: vec![Vec::new(); config.services.len()],
+        service_generation: 0,
         config,
         discovered: Vec::new(),
     };
-    let (authorizer, destinations) = mesh_view(&state.config, &state.tasks())?;
+    let (authorizer, destinations) =
+        mesh_view(&state.config, &state.tasks(), &state.discovered_endpoints)?;
     let config = &state.config;
     let pool = certs.as_ref().map(|c| {
         Pool::new(
@@ -61,6 +67,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         metrics.clone(),
         certs.clone(),
         pool,
+        OutlierDetector::new(config.outlier_detection.settings()),
         authorizer,
         destinations,
     ));
@@ -106,6 +113,12 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         )?;
         info!(agent = %ecs.agent_url, "ECS task source started");
     }
+    let (service_updates, mut service_rx) = tokio::sync::mpsc::channel(256);
+    let mut service_watches = services::start(
+        &state.config,
+        state.service_generation,
+        service_updates.clone(),
+    )?;
     readiness.set(true);
     info!(tasks = state.config.tasks.len(), "ready");
 
@@ -128,7 +141,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: draining"); break; }
             _ = sighup.recv() => {
                 info!("SIGHUP: reloading configuration and trust material");
-                reload(&config_path, &mut state, &mut tasks, &capture, &mesh).await;
+                reload(&config_path, &mut state, &mut tasks, &capture, &mesh, &mut service_watches, &service_updates).await;
                 watch.mark_seen();
                 if let Some(c) = &certs {
                     c.reload();
@@ -139,7 +152,18 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             // for the rest of the select!, which would stop the polling after one quiet tick.
             changed = watch.changed() => if changed {
                 info!("configuration file changed: reloading");
-                reload(&config_path, &mut state, &mut tasks, &capture, &mesh).await;
+                reload(&config_path, &mut state, &mut tasks, &capture, &mesh, &mut service_watches, &service_updates).await;
+            },
+            Some(update) = service_rx.recv() => {
+                if update.generation != state.service_generation {
+                    continue;
+                }
+                if let Some(slot) = state.discovered_endpoints.get_mut(update.index) {
+                    *slot = update.endpoints;
+                    if let Err(e) = apply(&state, &mut tasks, &capture, &mesh).await {
+                        error!("service endpoints not applied: {e:#}");
+                    }
+                }
             },
             Some(event) = ecs_rx.recv() => match event {
                 EcsEvent::SliceAppeared(cgroup) => tasks.attach_early(&cgroup),
@@ -180,7 +204,11 @@ const EXPIRY_WARNING_CHECK: Duration = Duration::from_secs(30 * 24 * 3600);
 const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
 
 /// The typed, validated views of the mesh part of the configuration.
-fn mesh_view(config: &Config, tasks: &[TaskSpec]) -> anyhow::Result<(Authorizer, Destinations)> {
+fn mesh_view(
+    config: &Config,
+    tasks: &[TaskSpec],
+    endpoints: &[Vec<SocketAddr>],
+) -> anyhow::Result<(Authorizer, Destinations)> {
     let trust_domain = config
         .identity
         .as_ref()
@@ -191,7 +219,7 @@ fn mesh_view(config: &Config, tasks: &[TaskSpec]) -> anyhow::Result<(Authorizer,
         config.mesh.default_policy,
         trust_domain.as_ref(),
     )?;
-    Ok((authorizer, Destinations::new(config, tasks)?))
+    Ok((authorizer, Destinations::new(config, tasks, endpoints)?))
 }
 
 /// The configured capture rules plus every meshed address: connections to meshed workloads
@@ -207,13 +235,23 @@ fn capture_rules(configured: &CaptureSettings, destinations: &Destinations) -> C
             rules.destinations.push(host);
         }
     }
+    for addr in destinations.meshed_endpoints() {
+        let exact = Destination::Exact(addr);
+        if !rules.destinations.contains(&exact) {
+            rules.destinations.push(exact);
+        }
+    }
     rules
 }
 
-/// The running configuration and what the ECS source discovered.
+/// The running configuration and what the ECS source and DNS discovered.
 struct State {
     config: Config,
     discovered: Vec<TaskSpec>,
+    /// `discovered_endpoints[i]`: the current endpoints of `config.services[i]`.
+    discovered_endpoints: Vec<Vec<SocketAddr>>,
+    /// Bumped when the service watches are restarted (reload).
+    service_generation: u64,
 }
 
 impl State {
@@ -241,7 +279,7 @@ async fn apply(
     mesh: &Mesh,
 ) -> anyhow::Result<Vec<(String, anyhow::Error)>> {
     let all = state.tasks();
-    let (authorizer, destinations) = mesh_view(&state.config, &all)?;
+    let (authorizer, destinations) = mesh_view(&state.config, &all, &state.discovered_endpoints)?;
     capture
         .apply_rules(
             &capture_rules(&state.config.capture, &destinations),
@@ -260,6 +298,8 @@ async fn reload(
     tasks: &mut TaskManager,
     capture: &Capture,
     mesh: &Mesh,
+    service_watches: &mut services::ServiceWatches,
+    service_updates: &tokio::sync::mpsc::Sender<services::ServiceUpdate>,
 ) {
     let metrics = &mesh.metrics;
     let mut new = match Config::load(path) {
@@ -282,18 +322,42 @@ async fn reload(
     if new.ecs != running.ecs {
         warn!("changes to [ecs] settings take effect at the next restart");
     }
+    if new.outlier_detection != running.outlier_detection {
+        warn!("changes to [outlier_detection] take effect at the next restart");
+    }
     new.agent = running.agent.clone();
     new.identity = running.identity.clone();
     new.ecs = running.ecs.clone();
+    new.outlier_detection = running.outlier_detection.clone();
+    let services_changed = new.services != running.services || new.dns != running.dns;
     let previous = std::mem::replace(&mut state.config, new);
+    let previous_endpoints = state.discovered_endpoints.clone();
+    if services_changed {
+        // Endpoints of the new service list arrive from the new watches.
+        state.discovered_endpoints = vec![Vec::new(); state.config.services.len()];
+    }
     match apply(state, tasks, capture, mesh).await {
         Ok(failures) => {
+            if services_changed {
+                let old = std::mem::take(service_watches);
+                old.stop().await;
+                state.service_generation += 1;
+                match services::start(
+                    &state.config,
+                    state.service_generation,
+                    service_updates.clone(),
+                ) {
+                    Ok(w) => *service_watches = w,
+                    Err(e) => error!("DNS discovery not restarted: {e:#}"),
+                }
+            }
             metrics.reload(failures.is_empty());
             info!(failed_tasks = failures.len(), "configuration reloaded");
         }
         Err(e) => {
             error!("configuration reload failed, keeping the running configuration: {e:#}");
             state.config = previous;
+            state.discovered_endpoints = previous_endpoints;
             metrics.reload(false);
         }
     }

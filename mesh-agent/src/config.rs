@@ -37,6 +37,15 @@ pub struct Config {
     /// Meshed workloads on other nodes (static destination resolution).
     #[serde(default, rename = "endpoints")]
     pub endpoints: Vec<EndpointSpec>,
+    /// How DNS discovery asks (`[[services]]`).
+    #[serde(default)]
+    pub dns: DnsConfig,
+    /// Meshed services on other nodes whose endpoints come from DNS.
+    #[serde(default, rename = "services")]
+    pub services: Vec<ServiceSpec>,
+    /// Passive health of DNS-discovered endpoints.
+    #[serde(default)]
+    pub outlier_detection: OutlierConfig,
     /// Inbound authorization: who may connect to this node's tasks.
     #[serde(default, rename = "policies")]
     pub policies: Vec<PolicySpec>,
@@ -234,6 +243,126 @@ pub struct EndpointSpec {
     /// Tunnel port of the peer agent for these addresses.
     #[serde(default)]
     pub tunnel_port: Option<u16>,
+}
+
+/// The name server and refresh bounds of DNS discovery.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// e.g. Consul's `127.0.0.1:8600`; absent: the servers of /etc/resolv.conf (on EC2 the VPC
+    /// resolver, which answers Cloud Map names).
+    pub resolver: Option<SocketAddr>,
+    /// Shortest time an answer is used (also for TTL 0, Consul's default).
+    #[serde(with = "humantime_serde")]
+    pub min_refresh: Duration,
+    /// Longest time an answer is used, whatever its TTL.
+    #[serde(with = "humantime_serde")]
+    pub max_refresh: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        let d = crate::discovery::dns::DnsSettings::default();
+        DnsConfig {
+            resolver: d.resolver,
+            min_refresh: d.min_refresh,
+            max_refresh: d.max_refresh,
+            timeout: d.timeout,
+        }
+    }
+}
+
+impl DnsConfig {
+    pub fn settings(&self) -> crate::discovery::dns::DnsSettings {
+        crate::discovery::dns::DnsSettings {
+            resolver: self.resolver,
+            min_refresh: self.min_refresh,
+            max_refresh: self.max_refresh,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// A meshed service whose endpoints are looked up in DNS (an App Mesh virtual node with DNS or
+/// Cloud Map service discovery).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// `destination_workload` in metrics.
+    pub name: String,
+    /// A/AAAA lookup of this name, every address with `port`...
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// ...or an SRV lookup (`orders.apps.local`, `_orders._tcp.service.consul`).
+    #[serde(default)]
+    pub srv: Option<String>,
+    /// The identity its endpoints must prove: a role ARN or a SPIFFE id (exactly one).
+    #[serde(default)]
+    pub role_arn: Option<String>,
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Tunnel port of the endpoints' agents, if not `agent.tunnel_port`.
+    #[serde(default)]
+    pub tunnel_port: Option<u16>,
+}
+
+impl ServiceSpec {
+    pub fn query(&self) -> anyhow::Result<crate::discovery::dns::Query> {
+        use crate::discovery::dns::Query;
+        let q = match (&self.hostname, self.port, &self.srv) {
+            (Some(h), Some(port), None) if port != 0 => Query::Address {
+                hostname: h.clone(),
+                port,
+            },
+            (None, None, Some(name)) => Query::Srv { name: name.clone() },
+            _ => bail!(
+                "service `{}` needs either `hostname` and `port`, or `srv`",
+                self.name
+            ),
+        };
+        q.validate()
+            .map_err(|e| anyhow::anyhow!("service `{}`: {e}", self.name))?;
+        Ok(q)
+    }
+}
+
+/// Ejection of endpoints whose connections fail (passive health checking).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+    pub max_ejection_percent: u8,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        let d = crate::routing::outlier::OutlierSettings::default();
+        OutlierConfig {
+            consecutive_failures: d.consecutive_failures,
+            base_ejection: d.base_ejection,
+            max_ejection: d.max_ejection,
+            max_ejection_percent: d.max_ejection_percent,
+        }
+    }
+}
+
+impl OutlierConfig {
+    pub fn settings(&self) -> crate::routing::outlier::OutlierSettings {
+        crate::routing::outlier::OutlierSettings {
+            consecutive_failures: self.consecutive_failures,
+            base_ejection: self.base_ejection,
+            max_ejection: self.max_ejection,
+            max_ejection_percent: self.max_ejection_percent,
+        }
+    }
 }
 
 /// Who may connect to a local task (and, optionally, only to some of its ports).
@@ -476,8 +605,19 @@ impl Config {
                 bail!("ecs.cgroup_root must not contain `..`");
             }
         }
+        self.dns
+            .settings()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("dns: {e}"))?;
+        self.outlier_detection
+            .settings()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("outlier_detection: {e}"))?;
+        for s in &self.services {
+            s.query()?;
+        }
         // The typed views used at run time validate the rest (and name the entry).
-        Destinations::new(self, &self.tasks)?;
+        Destinations::new(self, &self.tasks, &[])?;
         Authorizer::new(
             &self.policies,
             self.mesh.default_policy,

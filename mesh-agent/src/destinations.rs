@@ -42,11 +42,16 @@ pub struct RemoteWorkload {
     pub identity: SpiffeId,
     /// The tunnel port of the peer agent; the tunnel goes to `<destination ip>:<port>`.
     pub tunnel_port: u16,
+    /// For a DNS-discovered service, all its endpoints: a connection to an ejected one is
+    /// carried to another.
+    pub endpoints: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Destinations {
     by_ip: HashMap<IpAddr, Target>,
+    /// DNS-discovered endpoints, by exact address.
+    by_addr: HashMap<SocketAddr, Target>,
     /// Workload names by identity, to label the source of inbound connections.
     workloads: HashMap<SpiffeId, Arc<str>>,
     egress: Egress,
@@ -55,7 +60,13 @@ pub struct Destinations {
 impl Destinations {
     /// Builds the table from the configuration and this node's tasks (static and discovered);
     /// errors name the offending entry.
-    pub fn new(config: &Config, tasks: &[TaskSpec]) -> anyhow::Result<Destinations> {
+    ///
+    /// `discovered[i]` are the current DNS endpoints of `config.services[i]`.
+    pub fn new(
+        config: &Config,
+        tasks: &[TaskSpec],
+        discovered: &[Vec<SocketAddr>],
+    ) -> anyhow::Result<Destinations> {
         let trust_domain = config
             .identity
             .as_ref()
@@ -98,23 +109,12 @@ impl Destinations {
             if e.addresses.is_empty() {
                 bail!("endpoints[{i}] (`{}`) lists no addresses", e.name);
             }
-            let identity = match (&e.role_arn, &e.identity) {
-                (Some(arn), None) => RoleArn::from_str(arn)
-                    .with_context(|| format!("endpoints[{i}].role_arn"))?
-                    .to_spiffe_id(td),
-                (None, Some(id)) => {
-                    let id = SpiffeId::from_str(id)
-                        .with_context(|| format!("endpoints[{i}].identity"))?;
-                    if id.trust_domain() != td {
-                        bail!("endpoints[{i}].identity `{id}` is outside the trust domain `{td}`");
-                    }
-                    id
-                }
-                _ => bail!(
-                    "endpoints[{i}] (`{}`) needs exactly one of `role_arn` or `identity`",
-                    e.name
-                ),
-            };
+            let identity = workload_identity(
+                &e.role_arn,
+                &e.identity,
+                td,
+                &format!("endpoints[{i}] (`{}`)", e.name),
+            )?;
             let tunnel_port = e.tunnel_port.unwrap_or(config.agent.tunnel_port);
             if tunnel_port == 0 {
                 bail!("endpoints[{i}].tunnel_port must not be 0");
@@ -126,6 +126,7 @@ impl Destinations {
                 name: e.name.as_str().into(),
                 identity,
                 tunnel_port,
+                endpoints: Vec::new(),
             });
             for ip in &e.addresses {
                 if by_ip
@@ -139,8 +140,47 @@ impl Destinations {
                 }
             }
         }
+        // DNS-discovered services: exact `ip:port` entries, since one address (a node with
+        // several host ports) may serve several services.
+        let mut by_addr = HashMap::new();
+        for (i, service) in config.services.iter().enumerate() {
+            let Some(td) = &trust_domain else {
+                bail!(
+                    "services[{i}] (`{}`): meshed services need an [identity] section",
+                    service.name
+                );
+            };
+            if service.name.is_empty() {
+                bail!("services[{i}].name must not be empty");
+            }
+            let identity = workload_identity(
+                &service.role_arn,
+                &service.identity,
+                td,
+                &format!("services[{i}] (`{}`)", service.name),
+            )?;
+            workloads
+                .entry(identity.clone())
+                .or_insert_with(|| service.name.as_str().into());
+            let endpoints = discovered.get(i).cloned().unwrap_or_default();
+            let workload = Arc::new(RemoteWorkload {
+                name: service.name.as_str().into(),
+                identity,
+                tunnel_port: service.tunnel_port.unwrap_or(config.agent.tunnel_port),
+                endpoints: endpoints.clone(),
+            });
+            for addr in endpoints {
+                // A local task or a static endpoint at that address wins: it is known better.
+                if !by_ip.contains_key(&addr.ip()) {
+                    by_addr
+                        .entry(addr)
+                        .or_insert_with(|| Target::Remote(workload.clone()));
+                }
+            }
+        }
         Ok(Destinations {
             by_ip,
+            by_addr,
             workloads,
             egress: config.mesh.egress,
         })
@@ -152,6 +192,9 @@ impl Destinations {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
+        if let Some(t) = self.by_addr.get(&SocketAddr::new(ip, dst.port())) {
+            return t.clone();
+        }
         match self.by_ip.get(&ip) {
             Some(t) => t.clone(),
             None if self.egress == Egress::Deny => Target::Refused,
@@ -164,9 +207,36 @@ impl Destinations {
         self.workloads.get(id).cloned()
     }
 
-    /// Every meshed address: the capture rules must include them.
+    /// Every meshed address (all ports): the capture rules must include them.
     pub fn meshed_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.by_ip.keys().copied()
+    }
+
+    /// Every meshed `ip:port` (DNS-discovered endpoints).
+    pub fn meshed_endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.by_addr.keys().copied()
+    }
+}
+
+/// The identity a remote workload must prove, from exactly one of a role ARN or a SPIFFE id.
+fn workload_identity(
+    role_arn: &Option<String>,
+    identity: &Option<String>,
+    td: &TrustDomain,
+    what: &str,
+) -> anyhow::Result<SpiffeId> {
+    match (role_arn, identity) {
+        (Some(arn), None) => Ok(RoleArn::from_str(arn)
+            .with_context(|| format!("{what}: role_arn"))?
+            .to_spiffe_id(td)),
+        (None, Some(id)) => {
+            let id = SpiffeId::from_str(id).with_context(|| format!("{what}: identity"))?;
+            if id.trust_domain() != td {
+                bail!("{what}: identity `{id}` is outside the trust domain `{td}`");
+            }
+            Ok(id)
+        }
+        _ => bail!("{what} needs exactly one of `role_arn` or `identity`"),
     }
 }
 
@@ -209,7 +279,7 @@ mod tests {
             tunnel_port = 16008
             "#,
         );
-        let d = Destinations::new(&c, &c.tasks).unwrap();
+        let d = Destinations::new(&c, &c.tasks, &[]).unwrap();
         let at = |s: &str| d.resolve(s.parse().unwrap());
         let Target::Local(a) = at("198.18.1.2:80") else {
             panic!("a is local")
@@ -240,7 +310,7 @@ mod tests {
     fn egress_deny_refuses_the_rest() {
         let mut c = config("");
         c.mesh.egress = Egress::Deny;
-        let d = Destinations::new(&c, &c.tasks).unwrap();
+        let d = Destinations::new(&c, &c.tasks, &[]).unwrap();
         assert_eq!(
             d.resolve("203.0.113.1:443".parse().unwrap()),
             Target::Refused

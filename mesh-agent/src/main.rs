@@ -5,6 +5,7 @@ mod capture;
 mod certs;
 mod config;
 mod destinations;
+mod discovery;
 mod ecs;
 mod endpoints;
 mod identity;
@@ -14,6 +15,8 @@ mod netns;
 mod policy;
 mod preflight;
 mod proxy;
+mod routing;
+mod services;
 mod tasks;
 mod tunnel;
 

@@ -60,6 +60,11 @@ pub enum ConnectErrorReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub destination_workload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -150,6 +155,7 @@ pub struct Metrics {
     ecs_attestations: Family<ResultLabels, Counter>,
     /// Failed reads of the ECS agent's task list.
     pub ecs_agent_errors: Counter,
+    endpoint_ejections: Family<ServiceLabels, Counter>,
     captured: Family<TaskLabels, Counter>,
     opened: Family<TaskLabels, Counter>,
     closed: Family<TaskLabels, Counter>,
@@ -221,6 +227,7 @@ impl Metrics {
             ecs_tasks: Gauge::default(),
             ecs_attestations: Family::default(),
             ecs_agent_errors: Counter::default(),
+            endpoint_ejections: Family::default(),
         };
         let reg = &mut registry;
         reg.register(
@@ -357,6 +364,11 @@ impl Metrics {
             "mesh_ecs_agent_errors",
             "Failed reads of the ECS agent's task list (the last known list stays in force)",
             m.ecs_agent_errors.clone(),
+        );
+        reg.register(
+            "mesh_endpoint_ejections",
+            "DNS-discovered endpoints ejected after failed connections (outlier detection), by service",
+            m.endpoint_ejections.clone(),
         );
         reg.register_collector(Box::new(KernelStats { capture }));
         Metrics { registry, ..m }
@@ -529,6 +541,14 @@ impl Metrics {
         self.cert_renewal_failures
             .get_or_create(&TaskLabels {
                 task: task.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn endpoint_ejected(&self, service: &str) {
+        self.endpoint_ejections
+            .get_or_create(&ServiceLabels {
+                destination_workload: service.to_owned(),
             })
             .inc();
     }

@@ -22,6 +22,8 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod dns;
+pub mod ecs;
 pub mod http;
 pub mod mesh;
 pub mod metrics;

@@ -94,6 +94,9 @@ pub struct Task {
     ip: Ipv4Addr,
     netns_name: String,
     cgroup: PathBuf,
+    /// `Some`: the task's processes start from this environment alone (plus `PATH`), as
+    /// the processes of a container do; `None`: they inherit the harness's.
+    env: Option<Vec<(String, String)>>,
 }
 
 impl Topology {
@@ -266,6 +269,22 @@ impl Node {
     /// `id` names its cgroup and is meant as the agent's task id: letters, digits, '-'
     /// and '_'.
     pub fn add_task(&self, id: &str) -> Result<Task> {
+        let task = self.add_task_at(id, self.cgroup.join(id))?;
+        cgroup::create(&task.cgroup)?;
+        Ok(task)
+    }
+
+    /// Like [`Node::add_task`] (same namespace, veth and address), but the task's
+    /// processes go to `cgroup`, a path under the node's cgroup that is NOT created here:
+    /// the caller makes it when it wants, e.g. for the `ecstasks.slice/.../docker-<id>.scope`
+    /// layout of ECS (see [`crate::ecs`]). The topology's teardown removes it like the rest.
+    pub fn add_task_at(&self, id: &str, cgroup: PathBuf) -> Result<Task> {
+        ensure!(
+            cgroup.starts_with(&self.cgroup) && cgroup != self.cgroup,
+            "task cgroup {} is not below {}",
+            cgroup.display(),
+            self.cgroup.display()
+        );
         ensure!(
             !id.is_empty()
                 && id.len() <= 64
@@ -301,8 +320,6 @@ impl Node {
         ip_in(t, &format!("addr add {task_ip}/24 dev eth0"))?;
         ip_in(t, "link set eth0 up")?;
         ip_in(t, &format!("route add default via {}", self.ip()))?;
-        let cgroup = self.cgroup.join(id);
-        cgroup::create(&cgroup)?;
         Ok(Task {
             shared: s.clone(),
             id: id.to_string(),
@@ -310,6 +327,7 @@ impl Node {
             ip: task_ip,
             netns_name,
             cgroup,
+            env: None,
         })
     }
 
@@ -375,7 +393,40 @@ impl Task {
     /// A command that runs inside the task: in its cgroup and its network namespace, as a
     /// process of a task container would.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
-        process::placed(program, &self.cgroup, &self.netns_path())
+        let mut command = process::placed(program, &self.cgroup, &self.netns_path())?;
+        if let Some(env) = &self.env {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            command
+                .env_clear()
+                .env("PATH", path)
+                .envs(env.iter().cloned());
+        }
+        Ok(command)
+    }
+
+    /// The same task (namespace, address, id) with its processes placed in another
+    /// cgroup below the topology's, e.g. another container of the same ECS task. The
+    /// cgroup is not created here.
+    pub fn with_cgroup(&self, cgroup: PathBuf) -> Result<Task> {
+        ensure!(
+            cgroup.starts_with(&self.shared.cgroup_root),
+            "cgroup {} is outside the topology",
+            cgroup.display()
+        );
+        Ok(Task {
+            cgroup,
+            ..self.clone()
+        })
+    }
+
+    /// The same task, whose [`Task::command`]s start from `env` alone (plus the harness's
+    /// `PATH`) instead of inheriting the harness's environment, as the processes of a
+    /// container do; `/proc/<pid>/environ` then shows exactly these variables.
+    pub fn with_container_env(&self, env: Vec<(String, String)>) -> Task {
+        Task {
+            env: Some(env),
+            ..self.clone()
+        }
     }
 
     /// A command in the task's network namespace but outside its cgroup (and outside every

@@ -9,8 +9,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// What the integration tests use from the host: ip/bridge (iproute2), bpftool, curl,
-/// nsenter/unshare (util-linux), tcpdump (proving the tunnel carries no clear text) and openssl
-/// (independent TLS probes of the tunnel listener).
+/// nsenter/unshare (util-linux), tcpdump (proving the tunnel carries no clear text), openssl
+/// (independent TLS probes of the tunnel listener) and dnsmasq (a real DNS server for discovery;
+/// `dnsmasq-base` is the binary without the system service that would take port 53).
 const SYSTEM_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -18,6 +19,7 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "util-linux",
     "tcpdump",
     "openssl",
+    "dnsmasq-base",
 ];
 const STEPS: usize = 7;
 

@@ -22,6 +22,7 @@ use crate::destinations::Destinations;
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
+use crate::routing::outlier::OutlierDetector;
 use crate::tunnel::Pool;
 
 /// What every connection of the node consults: the destination table and authorization policy
@@ -31,6 +32,8 @@ pub struct Mesh {
     /// Present when `[identity]` is configured.
     pub certs: Option<Arc<Certs>>,
     pub pool: Option<Arc<Pool>>,
+    /// Passive health of DNS-discovered endpoints.
+    pub outliers: OutlierDetector,
     authorizer: Live<Authorizer>,
     destinations: Live<Destinations>,
 }
@@ -40,6 +43,7 @@ impl Mesh {
         metrics: Arc<Metrics>,
         certs: Option<Arc<Certs>>,
         pool: Option<Arc<Pool>>,
+        outliers: OutlierDetector,
         authorizer: Authorizer,
         destinations: Destinations,
     ) -> Mesh {
@@ -47,6 +51,7 @@ impl Mesh {
             metrics,
             certs,
             pool,
+            outliers,
             authorizer: Live::new(authorizer),
             destinations: Live::new(destinations),
         }
@@ -62,6 +67,8 @@ impl Mesh {
 
     /// A reload: new connections see the new table and policy; open ones are not touched.
     pub fn update(&self, authorizer: Authorizer, destinations: Destinations) {
+        let live: Vec<SocketAddr> = destinations.meshed_endpoints().collect();
+        self.outliers.retain(&live);
         self.authorizer.set(authorizer);
         self.destinations.set(destinations);
     }

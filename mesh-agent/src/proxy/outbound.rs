@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
@@ -15,12 +15,12 @@ use super::splice::splice;
 use super::{ConnectionSet, Mesh, accept_loop};
 use crate::capture::Capture;
 use crate::certs::WorkloadSlot;
-use crate::destinations::Target;
+use crate::destinations::{RemoteWorkload, Target};
 use crate::metrics::{ConnectErrorReason, TaskMetrics, TcpLabels, UNKNOWN};
 use crate::netns::NetnsWorker;
 use crate::policy::{Decision, role_of};
 use crate::tasks::Identity;
-use crate::tunnel::{Source, TunnelError, TunnelStream};
+use crate::tunnel::{Pool, Source, TunnelError, TunnelStream};
 
 /// Everything the outbound path of one task needs.
 pub struct OutboundContext {
@@ -161,13 +161,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
             labels.destination_workload = remote.name.to_string();
             labels.destination_principal = remote.identity.to_string();
             labels.connection_security_policy = "mutual_tls";
-            let source = Source {
-                task: &ctx.task_id,
-                slot,
-                netns: &ctx.netns,
-            };
-            let tunnel_peer = SocketAddr::new(dst.ip(), remote.tunnel_port);
-            match pool.open(source, &remote.identity, tunnel_peer, dst).await {
+            match open_remote(ctx, slot, pool, &remote, dst).await {
                 Ok(stream) => Upstream::Tunnel(stream),
                 Err(e) => {
                     let reason = match &e {
@@ -224,6 +218,68 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     tcp.closed.inc();
     if let Some(d) = &peer_side {
         d.closed.inc();
+    }
+}
+
+/// Opens the tunnel stream for a remote workload. For a DNS-discovered service, an ejected
+/// endpoint is replaced by a healthy one, and an endpoint that fails now (its agent or its
+/// target unreachable) is ejected and the connection tried once more on another: the
+/// application sees neither.
+async fn open_remote(
+    ctx: &OutboundContext,
+    slot: &Arc<WorkloadSlot>,
+    pool: &Pool,
+    remote: &RemoteWorkload,
+    dst: SocketAddr,
+) -> Result<TunnelStream, TunnelError> {
+    let outliers = &ctx.mesh.outliers;
+    let balanced = !remote.endpoints.is_empty();
+    let mut wanted = dst;
+    let mut attempts = if balanced { 2 } else { 1 };
+    loop {
+        let now = Instant::now();
+        let target = if balanced {
+            outliers.choose(wanted, &remote.endpoints, now)
+        } else {
+            dst
+        };
+        if target != dst {
+            debug!(task = %ctx.task_id, %dst, %target, "endpoint ejected; carrying the connection to another");
+        }
+        let source = Source {
+            task: &ctx.task_id,
+            slot,
+            netns: &ctx.netns,
+        };
+        let tunnel_peer = SocketAddr::new(target.ip(), remote.tunnel_port);
+        let result = pool
+            .open(source, &remote.identity, tunnel_peer, target)
+            .await;
+        attempts -= 1;
+        match result {
+            Ok(stream) => {
+                if balanced {
+                    outliers.record_success(target, now);
+                }
+                return Ok(stream);
+            }
+            // The endpoint is unhealthy (not the policy's answer): eject it, try another.
+            Err(
+                e @ (TunnelError::Unavailable
+                | TunnelError::Connect { .. }
+                | TunnelError::Handshake { .. }),
+            ) if balanced => {
+                if outliers.record_failure(target, Instant::now()) {
+                    ctx.mesh.metrics.endpoint_ejected(&remote.name);
+                    info!(service = %remote.name, endpoint = %target, error = %e, "endpoint ejected");
+                }
+                if attempts == 0 {
+                    return Err(e);
+                }
+                wanted = target;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

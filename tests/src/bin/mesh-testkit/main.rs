@@ -13,16 +13,20 @@
 //!                     [--long-lived L] [--send-bytes K] [--interval-ms I]
 //! mesh-testkit mint   --issuer ISSUER_PEM | --new-ca true  --spiffe-id ID
 //!                     [--validity current|expired] --dir DIR [--stem NAME]
+//! mesh-testkit ecs-agent --listen ADDR --state FILE
 //! ```
 //! Every client mode also takes `--timeout SECS` (default 30): no single connect, read or
 //! write may block longer, so a broken path fails instead of hanging. Exit status: 0 on
 //! success (with one `ok ...` summary line on stdout), 1 on failure (reason on stderr),
 //! 2 on bad arguments. `load` also prints `progress ok=N failed=M` every 250 ms and one
 //! `failure t_ms=T <what>: <error>` line per failed request, as they happen; it stops
-//! once the stop file exists and fails if any request failed.
+//! once the stop file exists and fails if any request failed. `ecs-agent` is a stand-in of
+//! the ECS agent's introspection API and credentials endpoint serving the state file
+//! (see `ecs_agent.rs` and `mesh_testbed::ecs`); it runs until killed.
 
 mod args;
 mod client;
+mod ecs_agent;
 mod mint;
 mod pattern;
 mod serve;
@@ -36,7 +40,8 @@ const USAGE: &str = "usage:
                       [--stop-file PATH] [--workers W] [--long-lived L] [--interval-ms I]
                       [--timeout SECS]
   mesh-testkit mint   --issuer ISSUER_PEM | --new-ca true  --spiffe-id ID
-                      [--validity current|expired] --dir DIR [--stem NAME]";
+                      [--validity current|expired] --dir DIR [--stem NAME]
+  mesh-testkit ecs-agent --listen ADDR --state FILE";
 
 fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
@@ -46,12 +51,13 @@ fn main() -> ExitCode {
         (Some("serve"), Ok(args)) => serve::Options::from_args(&args).map(serve::run),
         (Some("client"), Ok(args)) => client::Options::from_args(&args).map(client::run),
         (Some("mint"), Ok(args)) => mint::Options::from_args(&args).map(mint::run),
+        (Some("ecs-agent"), Ok(args)) => ecs_agent::Options::from_args(&args).map(ecs_agent::run),
         (Some("-h" | "--help"), _) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
         (_, Err(e)) => Err(e),
-        _ => Err("expected a subcommand: serve, client or mint".to_string()),
+        _ => Err("expected a subcommand: serve, client, mint or ecs-agent".to_string()),
     };
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,
