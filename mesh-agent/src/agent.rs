@@ -24,7 +24,7 @@ use crate::proxy::Mesh;
 use crate::routing::outlier::OutlierDetector;
 use crate::services;
 use crate::tasks::TaskManager;
-use crate::tunnel::Pool;
+use crate::tunnel::{InboundContext, Pool, Scope, serve_inbound};
 
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let host = preflight::check_host()?;
@@ -98,6 +98,27 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     if let Some((_, e)) = failures.into_iter().next() {
         tasks.shutdown(state.config.agent.drain_timeout).await;
         return Err(e);
+    }
+
+    // The node's tunnel listener: where peers reach this node's bridge-mode tasks by host
+    // port. Only with trust material (no identity, no tunnel).
+    let stop_node_listener = CancellationToken::new();
+    if let Some(certs) = &certs {
+        let addr = SocketAddr::from(([0, 0, 0, 0], state.config.agent.tunnel_port));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on the node's tunnel port {addr}"))?;
+        let inbound = Arc::new(InboundContext {
+            scope: Scope::Node {
+                host_ports: mesh.host_ports.clone(),
+            },
+            certs: certs.clone(),
+            mesh: mesh.clone(),
+            connect_timeout: state.config.agent.connect_timeout,
+            connections: tasks.node_connections(),
+            tls: Default::default(),
+        });
+        tokio::spawn(serve_inbound(listener, inbound, stop_node_listener.clone()));
     }
 
     // Discovered tasks arrive through this channel once the source has looked.
@@ -191,6 +212,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     }
     readiness.set(false);
     stop_sources.cancel();
+    stop_node_listener.cancel();
     tasks.shutdown(state.config.agent.drain_timeout).await;
     // Every link was detached above; the programs and maps go with the process.
     info!("stopped");
@@ -333,8 +355,21 @@ async fn reload(
     let previous = std::mem::replace(&mut state.config, new);
     let previous_endpoints = state.discovered_endpoints.clone();
     if services_changed {
-        // Endpoints of the new service list arrive from the new watches.
-        state.discovered_endpoints = vec![Vec::new(); state.config.services.len()];
+        // A service that keeps its lookup keeps its endpoints until its new watch answers: a
+        // reload must not unmesh anything, least of all while the resolver is down.
+        state.discovered_endpoints = state
+            .config
+            .services
+            .iter()
+            .map(|service| {
+                previous
+                    .services
+                    .iter()
+                    .position(|p| p.query().ok() == service.query().ok())
+                    .and_then(|i| previous_endpoints.get(i).cloned())
+                    .unwrap_or_default()
+            })
+            .collect();
     }
     match apply(state, tasks, capture, mesh).await {
         Ok(failures) => {

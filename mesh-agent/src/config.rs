@@ -378,6 +378,29 @@ pub struct PolicySpec {
     pub allow: Vec<String>,
 }
 
+/// A published port: `<host port>:<container port>` (or one number for both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub host: u16,
+    pub container: u16,
+}
+
+impl FromStr for HostPort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parse = |p: &str| {
+            p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                format!("`{s}`: expected `<host port>:<container port>`, e.g. 32768:8080")
+            })
+        };
+        let (host, container) = match s.split_once(':') {
+            Some((h, c)) => (parse(h)?, parse(c)?),
+            None => (parse(s)?, parse(s)?),
+        };
+        Ok(HostPort { host, container })
+    }
+}
+
 /// A capture rule target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Destination {
@@ -470,6 +493,7 @@ macro_rules! deserialize_from_str {
 }
 deserialize_from_str!(Cidr);
 deserialize_from_str!(Destination);
+deserialize_from_str!(HostPort);
 
 /// One meshed task in the static task source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
@@ -494,6 +518,10 @@ pub struct TaskSpec {
     /// mutual-TLS connections.
     #[serde(default)]
     pub role_arn: Option<String>,
+    /// Ports the task publishes on the node (bridge mode), `"<host port>:<container port>"`:
+    /// peers reach it at `<node ip>:<host port>` through the node's tunnel listener.
+    #[serde(default)]
+    pub host_ports: Vec<HostPort>,
     /// Discovered tasks only: the role is not known yet (no application process has run).
     /// Outbound connections wait for it up to `ecs.attestation_timeout`.
     #[serde(skip)]
@@ -508,6 +536,7 @@ impl TaskSpec {
             && self.netns == other.netns
             && self.pid == other.pid
             && self.addresses == other.addresses
+            && self.host_ports == other.host_ports
     }
 }
 

@@ -71,7 +71,9 @@ pub fn start(
                     _ => {}
                 }
                 let endpoints = resolution.addrs();
-                if last.as_ref() != Some(&endpoints) {
+                // "Nothing known yet" is not "no endpoints": the agent keeps what it had.
+                let known = resolution.source != Source::Pending;
+                if known && last.as_ref() != Some(&endpoints) {
                     info!(service = %name, endpoints = ?endpoints, "service endpoints changed");
                     if updates
                         .send(ServiceUpdate {

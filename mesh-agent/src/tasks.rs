@@ -21,7 +21,7 @@ use crate::identity::RoleArn;
 use crate::metrics::Metrics;
 use crate::netns::{NetnsWorker, netns_cookie};
 use crate::proxy::{ConnectionSet, Mesh, OutboundContext, serve_outbound};
-use crate::tunnel::{InboundContext, serve_inbound};
+use crate::tunnel::{InboundContext, Scope, serve_inbound};
 
 /// How long a listener keeps accepting after its task's programs were detached: connects the
 /// kernel redirected just before the detach are still in the accept queue.
@@ -219,11 +219,13 @@ impl TaskManager {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .context("cannot register the tunnel listener with the runtime")?;
             let inbound = Arc::new(InboundContext {
-                task_id: spec.id.as_str().into(),
-                slot: slot.clone(),
+                scope: Scope::Task {
+                    task_id: spec.id.as_str().into(),
+                    slot: slot.clone(),
+                    netns: task.netns.clone(),
+                    addresses: spec.addresses.clone(),
+                },
                 certs: certs.clone(),
-                netns: task.netns.clone(),
-                addresses: spec.addresses.clone(),
                 mesh: mesh.clone(),
                 connect_timeout: settings.connect_timeout,
                 connections: task.connection_set.clone(),
@@ -234,6 +236,19 @@ impl TaskManager {
                 inbound,
                 task.stop_accepting.clone(),
             )));
+        }
+        // Host ports (bridge mode) are served by the node's listener, with this identity.
+        match &identity {
+            Identity::Attested(slot) if !spec.host_ports.is_empty() => {
+                let ports: Vec<(u16, u16)> = spec
+                    .host_ports
+                    .iter()
+                    .map(|p| (p.host, p.container))
+                    .collect();
+                mesh.host_ports
+                    .set_task(&spec.id.as_str().into(), slot, &task.netns, &ports);
+            }
+            _ => mesh.host_ports.remove_task(&spec.id),
         }
         if matches!(identity, Identity::None)
             && let Some(certs) = &mesh.certs
@@ -370,6 +385,7 @@ impl TaskManager {
             warn!(task = %id, "{e:#}");
         }
         self.capture.listeners_gone(task.netns_cookie);
+        self.mesh.host_ports.remove_task(id);
         if let Some(certs) = &self.mesh.certs {
             certs.remove(id);
         }
@@ -386,6 +402,16 @@ impl TaskManager {
             metrics.forget_task(&id);
         });
         info!(task = %task.spec.id, "task no longer meshed");
+    }
+
+    /// A connection set for listeners that belong to no task (the node's tunnel listener):
+    /// drained and aborted with everything else at shutdown.
+    pub fn node_connections(&self) -> ConnectionSet {
+        ConnectionSet {
+            task: TaskTracker::new(),
+            all: self.all_connections.clone(),
+            abort: self.abort_connections.clone(),
+        }
     }
 
     /// Shutdown: detach every program, stop accepting, wait up to `drain` for open connections,

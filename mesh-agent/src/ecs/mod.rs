@@ -11,8 +11,8 @@
 //!
 //! Network modes: awsvpc tasks are fully supported (their own netns and address; inbound
 //! tunnel). Bridge tasks are captured in the netns of one of their containers (single-container
-//! tasks are fully captured outbound; inbound by host port is not supported yet). Host-mode
-//! tasks share the node's netns and are not meshed (a warning says so).
+//! tasks are fully covered) and reached by host port through the node's tunnel listener.
+//! Host-mode tasks share the node's netns and are not meshed (a warning says so).
 
 mod attest;
 mod cgroups;
@@ -229,6 +229,12 @@ impl Source {
                 netns: None,
                 pid: Some(pid),
                 addresses: task.addresses(),
+                // awsvpc tasks are reached at their own address; host ports matter for bridge.
+                host_ports: if task.network_mode().is_some() {
+                    Vec::new()
+                } else {
+                    task.host_ports()
+                },
                 role_arn: role.map(|r| r.to_string()),
                 role_pending: pending,
             });

@@ -34,7 +34,20 @@ pub struct Task {
 #[serde(rename_all = "PascalCase")]
 pub struct Container {
     #[serde(default, deserialize_with = "null_as_empty")]
+    pub ports: Vec<Port>,
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub networks: Vec<Network>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Port {
+    #[serde(default)]
+    pub container_port: u16,
+    #[serde(default)]
+    pub host_port: u16,
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +86,24 @@ impl Task {
             .next()
     }
 
+    /// TCP ports published on the node (bridge mode): `(host port, container port)`.
+    pub fn host_ports(&self) -> Vec<crate::config::HostPort> {
+        let mut out: Vec<crate::config::HostPort> = self
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter(|p| p.host_port != 0 && p.container_port != 0)
+            .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "tcp"))
+            .map(|p| crate::config::HostPort {
+                host: p.host_port,
+                container: p.container_port,
+            })
+            .collect();
+        out.sort_by_key(|p| p.host);
+        out.dedup();
+        out
+    }
+
     pub fn addresses(&self) -> Vec<std::net::IpAddr> {
         let mut out: Vec<std::net::IpAddr> = self
             .containers
@@ -107,6 +138,13 @@ mod tests {
         assert_eq!(t.task_id(), "8f03e41243824aea923aca126495f665");
         assert!(t.is_live());
         assert_eq!(t.network_mode(), Some("awsvpc"));
+        assert_eq!(
+            t.host_ports(),
+            vec![crate::config::HostPort {
+                host: 8080,
+                container: 8080
+            }]
+        );
         assert_eq!(
             t.addresses(),
             vec!["10.0.2.106".parse::<std::net::IpAddr>().unwrap()]

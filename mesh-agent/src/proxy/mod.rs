@@ -23,7 +23,7 @@ use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
 use crate::routing::outlier::OutlierDetector;
-use crate::tunnel::Pool;
+use crate::tunnel::{HostPorts, Pool};
 
 /// What every connection of the node consults: the destination table and authorization policy
 /// (both replaced on reload), the tunnel pool, and the metrics.
@@ -34,6 +34,8 @@ pub struct Mesh {
     pub pool: Option<Arc<Pool>>,
     /// Passive health of DNS-discovered endpoints.
     pub outliers: OutlierDetector,
+    /// Host ports published by this node's bridge-mode tasks, for the node's tunnel listener.
+    pub host_ports: Arc<HostPorts>,
     authorizer: Live<Authorizer>,
     destinations: Live<Destinations>,
 }
@@ -52,6 +54,7 @@ impl Mesh {
             certs,
             pool,
             outliers,
+            host_ports: Arc::default(),
             authorizer: Live::new(authorizer),
             destinations: Live::new(destinations),
         }

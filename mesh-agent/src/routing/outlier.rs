@@ -193,6 +193,10 @@ impl OutlierDetector {
     /// (refused, unreachable, timed out; not a policy denial). Returns `true` if this
     /// failure ejected it.
     pub fn record_failure(&self, endpoint: SocketAddr, now: Instant) -> bool {
+        // Ejection disabled: nothing to track, and nothing to count as ejected.
+        if self.settings.max_ejection_percent == 0 {
+            return false;
+        }
         let mut endpoints = self.lock();
         if !endpoints.contains_key(&endpoint) && !self.make_room(&mut endpoints, now) {
             return false;
@@ -567,12 +571,14 @@ mod tests {
         });
         d.record_failure(ep(1), t0);
         assert_eq!(d.choose(ep(1), &pair, t0), ep(2));
-        // 0 %: endpoints are still flagged, but choose never avoids them.
+        // 0 %: ejection is off; a failure neither ejects (nor is counted as an ejection) nor
+        // changes where connections go.
         let d = detector(OutlierSettings {
             max_ejection_percent: 0,
             ..Default::default()
         });
-        assert!(d.record_failure(ep(1), t0));
+        assert!(!d.record_failure(ep(1), t0));
+        assert!(!d.is_ejected(ep(1), t0));
         assert_eq!(d.choose(ep(1), &pair, t0), ep(1));
     }
 

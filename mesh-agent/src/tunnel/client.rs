@@ -308,7 +308,11 @@ impl Pool {
             tls::client_config(self.certs.trust(), source.slot.clone(), destination.clone())
                 .map_err(|e| TunnelError::Other(e.to_string()))?;
         let connector = TlsConnector::from(Arc::new(config));
-        let server_name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
+        // The server name carries the identity we expect, so the node listener of a host-port
+        // endpoint can present the right task's certificate.
+        let server_name =
+            rustls::pki_types::ServerName::try_from(tls::server_name_for(destination))
+                .map_err(|e| TunnelError::Other(e.to_string()))?;
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, tcp))
             .await
             .map_err(|_| TunnelError::Handshake {

@@ -7,13 +7,15 @@
 //! netns. Status 200 means connected, 403 denied by policy, 503 target unreachable.
 
 mod client;
+mod hostports;
 mod server;
 mod tls;
 
 use std::time::Duration;
 
 pub use client::{Pool, Source, TunnelError, TunnelStream};
-pub use server::{InboundContext, serve_inbound};
+pub use hostports::HostPorts;
+pub use server::{InboundContext, Scope, serve_inbound};
 
 /// TLS handshake deadline, both directions: a peer that stalls mid-handshake holds a socket
 /// and a task, so it gets a short leash.

@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::hostports::HostPorts;
 use super::tls;
 use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
 use crate::certs::{Certs, WorkloadSlot};
@@ -34,17 +35,47 @@ const MAX_CONCURRENT_STREAMS: u32 = 1024;
 
 /// Everything the tunnel listener of one task needs.
 pub struct InboundContext {
-    pub task_id: Arc<str>,
-    pub slot: Arc<WorkloadSlot>,
+    pub scope: Scope,
     pub certs: Arc<Certs>,
-    pub netns: Arc<NetnsWorker>,
-    /// The task's addresses: the only targets a stream may name.
-    pub addresses: Vec<IpAddr>,
     pub mesh: Arc<Mesh>,
     pub connect_timeout: Duration,
     pub connections: ConnectionSet,
     /// The TLS configuration, rebuilt when the trust material changes.
     pub tls: TlsConfigCache,
+}
+
+/// Which tasks a listener delivers to.
+pub enum Scope {
+    /// The listener in one task's netns (awsvpc): streams to that task's addresses.
+    Task {
+        task_id: Arc<str>,
+        slot: Arc<WorkloadSlot>,
+        netns: Arc<NetnsWorker>,
+        /// The task's addresses: the only targets a stream may name.
+        addresses: Vec<IpAddr>,
+    },
+    /// The listener in the node's netns: streams to `<node ip>:<host port>`, delivered to the
+    /// task that published the host port.
+    Node { host_ports: Arc<HostPorts> },
+}
+
+impl Scope {
+    /// For log lines.
+    fn name(&self) -> &str {
+        match self {
+            Scope::Task { task_id, .. } => task_id,
+            Scope::Node { .. } => "node",
+        }
+    }
+}
+
+/// Where one stream goes, once checked.
+struct Delivery {
+    task_id: Arc<str>,
+    slot: Arc<WorkloadSlot>,
+    netns: Arc<NetnsWorker>,
+    /// Connected from inside the task's netns.
+    connect_to: SocketAddr,
 }
 
 /// The server configuration for the current trust generation.
@@ -61,7 +92,12 @@ impl InboundContext {
         {
             return Ok(c.clone());
         }
-        let config = Arc::new(tls::server_config(certs.trust(), self.slot.clone())?);
+        let config = Arc::new(match &self.scope {
+            Scope::Task { slot, .. } => tls::server_config(certs.trust(), slot.clone())?,
+            Scope::Node { host_ports } => {
+                tls::node_server_config(certs.trust(), host_ports.clone())?
+            }
+        });
         *cached = Some((generation, config.clone()));
         Ok(config)
     }
@@ -74,12 +110,13 @@ pub async fn serve_inbound(
     stop: CancellationToken,
 ) {
     let connections = ctx.connections.clone();
+    let name = ctx.scope.name().to_owned();
     accept_loop(
         listener,
         stop,
         &connections,
         "tunnel",
-        &ctx.task_id,
+        &name,
         |stream, peer| serve_connection(stream, peer, ctx.clone()),
     )
     .await;
@@ -90,42 +127,54 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<InboundC
     let config = match ctx.tls_config() {
         Ok(c) => c,
         Err(e) => {
-            warn!(task = %ctx.task_id, error = %e, "cannot build the tunnel TLS configuration");
+            warn!(task = %ctx.scope.name(), error = %e, "cannot build the tunnel TLS configuration");
             return;
         }
     };
     let _ = stream.set_nodelay(true);
-    let tls =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(config).accept(stream))
-            .await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                let reason = handshake_failure(&e);
-                info!(task = %ctx.task_id, %peer, reason, error = %e, "tunnel handshake rejected");
-                metrics.tunnel_handshake_error("inbound", reason);
-                return;
-            }
-            Err(_) => {
-                info!(task = %ctx.task_id, %peer, "tunnel handshake timed out");
-                metrics.tunnel_handshake_error("inbound", "timeout");
-                return;
-            }
-        };
+    let local = stream.local_addr().ok();
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsAcceptor::from(config).accept(stream),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = handshake_failure(&e);
+            info!(task = %ctx.scope.name(), %peer, reason, error = %e, "tunnel handshake rejected");
+            metrics.tunnel_handshake_error("inbound", reason);
+            return;
+        }
+        Err(_) => {
+            info!(task = %ctx.scope.name(), %peer, "tunnel handshake timed out");
+            metrics.tunnel_handshake_error("inbound", "timeout");
+            return;
+        }
+    };
     // The verifier accepted the client's chain and SPIFFE id; read the id back.
     let Some(source) = tls::peer_identity(tls.get_ref().1) else {
         metrics.tunnel_handshake_error("inbound", "bad_identity");
         return;
     };
+    // The node listener presented the certificate of the identity named in SNI: streams on
+    // this connection may only reach a task with that identity.
+    let presented = tls.get_ref().1.server_name().map(str::to_owned);
     let active = metrics.tunnel_connection_opened("inbound");
-    debug!(task = %ctx.task_id, %peer, %source, "tunnel connection accepted");
+    debug!(task = %ctx.scope.name(), %peer, %source, "tunnel connection accepted");
     let source = Arc::new(source);
+    let presented = Arc::new(presented);
     let service = {
         let ctx = ctx.clone();
         service_fn(move |request| {
             let ctx = ctx.clone();
             let source = source.clone();
-            async move { Ok::<_, Infallible>(open_stream(&ctx, &source, peer, request).await) }
+            let presented = presented.clone();
+            async move {
+                Ok::<_, Infallible>(
+                    open_stream(&ctx, &source, peer, local, presented.as_deref(), request).await,
+                )
+            }
         })
     };
     let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -135,7 +184,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<InboundC
         .serve_connection(TokioIo::new(tls), service)
         .await;
     if let Err(e) = served {
-        debug!(task = %ctx.task_id, %peer, error = %e, "tunnel connection ended with an error");
+        debug!(task = %ctx.scope.name(), %peer, error = %e, "tunnel connection ended with an error");
     }
     active.dec();
 }
@@ -151,6 +200,8 @@ async fn open_stream(
     ctx: &Arc<InboundContext>,
     source: &SpiffeId,
     peer: SocketAddr,
+    local: Option<SocketAddr>,
+    presented: Option<&str>,
     mut request: Request<Incoming>,
 ) -> Response<Empty<Bytes>> {
     let mesh = &ctx.mesh;
@@ -165,33 +216,34 @@ async fn open_stream(
     else {
         return status(StatusCode::BAD_REQUEST);
     };
-    // The tunnel reaches this task and nothing else: it must not become an open relay into
-    // the task's network.
-    if !ctx.addresses.contains(&target.ip()) {
-        info!(task = %ctx.task_id, %source, %target, "tunnel stream names an address that is not this task's; refused");
-        return status(StatusCode::FORBIDDEN);
-    }
+    let delivery = match deliver_to(&ctx.scope, target, local, presented) {
+        Ok(d) => d,
+        Err((code, why)) => {
+            info!(listener = %ctx.scope.name(), %source, %target, "tunnel stream refused: {why}");
+            return status(code);
+        }
+    };
     let source_principal = source.to_string();
-    if let Decision::Deny { by_default } =
-        mesh.authorizer().check(source, &ctx.task_id, target.port())
+    let port = delivery.connect_to.port();
+    if let Decision::Deny { by_default } = mesh.authorizer().check(source, &delivery.task_id, port)
     {
         info!(
             source = %source_principal,
             source_role = %role_of(source),
-            destination = %ctx.task_id,
+            destination = %delivery.task_id,
             %target,
             %peer,
             by_default,
             "connection denied by authorization policy"
         );
         mesh.metrics
-            .policy_denial("destination", &source_principal, &ctx.task_id);
+            .policy_denial("destination", &source_principal, &delivery.task_id);
         return status(StatusCode::FORBIDDEN);
     }
-    let upstream = match connect(&ctx.netns, target, ctx.connect_timeout).await {
+    let upstream = match connect(&delivery.netns, delivery.connect_to, ctx.connect_timeout).await {
         Ok(s) => s,
         Err(e) => {
-            info!(task = %ctx.task_id, %source, %target, error = %e, "cannot connect to the tunnel's target");
+            info!(task = %delivery.task_id, %source, %target, error = %e, "cannot connect to the tunnel's target");
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
@@ -202,13 +254,13 @@ async fn open_stream(
             .workload_of(source)
             .map_or_else(|| UNKNOWN.to_owned(), |w| w.to_string()),
         source_principal,
-        destination_workload: ctx.task_id.to_string(),
-        destination_principal: ctx.slot.id().to_string(),
+        destination_workload: delivery.task_id.to_string(),
+        destination_principal: delivery.slot.id().to_string(),
         connection_security_policy: "mutual_tls",
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let tcp = mesh.metrics.tcp(&labels);
-    let task_id = ctx.task_id.clone();
+    let task_id = delivery.task_id.clone();
     ctx.connections.spawn(async move {
         let tunnel = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),
@@ -225,6 +277,72 @@ async fn open_stream(
         tcp.closed.inc();
     });
     status(StatusCode::OK)
+}
+
+/// Checks a stream's target against the listener's scope: the tunnel reaches meshed tasks
+/// and nothing else; it must never become an open relay into a task's or the node's network.
+fn deliver_to(
+    scope: &Scope,
+    target: SocketAddr,
+    local: Option<SocketAddr>,
+    presented: Option<&str>,
+) -> Result<Delivery, (StatusCode, String)> {
+    match scope {
+        Scope::Task {
+            task_id,
+            slot,
+            netns,
+            addresses,
+        } => {
+            if !addresses.contains(&target.ip()) {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    "the address is not this task's".into(),
+                ));
+            }
+            Ok(Delivery {
+                task_id: task_id.clone(),
+                slot: slot.clone(),
+                netns: netns.clone(),
+                connect_to: target,
+            })
+        }
+        Scope::Node { host_ports } => {
+            // `<node ip>:<host port>`: the address the client dialled, and a published port.
+            if local.map(|l| l.ip()) != Some(target.ip()) {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    "the address is not the one this node listener was reached at".into(),
+                ));
+            }
+            let owner = host_ports.owner(target.port()).ok_or_else(|| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no meshed task publishes host port {}", target.port()),
+                )
+            })?;
+            // The client checked our certificate against the identity it expects; the task
+            // behind the port must be that identity, or the handshake proved nothing about it.
+            if presented != Some(tls::server_name_for(owner.slot.id()).as_str()) {
+                return Err((
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!(
+                        "host port {} belongs to {}, not to the identity the client asked for",
+                        target.port(),
+                        owner.slot.id()
+                    ),
+                ));
+            }
+            Ok(Delivery {
+                task_id: owner.task_id.clone(),
+                slot: owner.slot.clone(),
+                netns: owner.netns.clone(),
+                // Bridge-mode containers listen on all their addresses; loopback in the
+                // container's netns reaches the published port without the node's NAT.
+                connect_to: SocketAddr::from(([127, 0, 0, 1], owner.container_port)),
+            })
+        }
+    }
 }
 
 async fn connect(

@@ -21,6 +21,7 @@ use rustls::{
     ServerConfig, SignatureScheme,
 };
 
+use super::hostports::HostPorts;
 use crate::certs::{Trust, WorkloadSlot};
 use crate::identity::{SpiffeId, spiffe_id_of_cert};
 
@@ -69,6 +70,50 @@ pub fn server_config(
         .with_cert_resolver(Arc::new(SlotCert(slot)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
+}
+
+/// The TLS server name (SNI) a client sends for a destination identity: a DNS-safe digest of
+/// the SPIFFE id. Listeners of one task ignore it; the node's listener, shared by every task
+/// reached at a host port, picks the certificate of the identity the client expects with it.
+pub fn server_name_for(id: &SpiffeId) -> String {
+    let digest = crate::identity::certs::sha256_hex(id.to_string().as_bytes());
+    format!("{}.id.mesh", &digest[..32])
+}
+
+/// The server side of the node's tunnel listener (host-port endpoints): the certificate is
+/// chosen by the server name the client sent.
+pub fn node_server_config(
+    trust: Arc<Trust>,
+    host_ports: Arc<HostPorts>,
+) -> Result<ServerConfig, rustls::Error> {
+    let provider = provider();
+    let verifier = Arc::new(PeerVerifier {
+        algs: provider.signature_verification_algorithms,
+        trust,
+        expected: None,
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(ByServerName(host_ports)));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// Picks the certificate of the task whose identity the client named.
+struct ByServerName(Arc<HostPorts>);
+
+impl std::fmt::Debug for ByServerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ByServerName")
+    }
+}
+
+impl ResolvesServerCert for ByServerName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?;
+        Some(self.0.slot_for_server_name(name)?.certified_key())
+    }
 }
 
 /// The identity the peer proved during the handshake.
