@@ -137,14 +137,23 @@ impl Source {
                 _ = poll.tick() => {}
                 _ = wake_early => {}
                 change = watcher.next() => {
+                    let mut now_please = false;
+                    let mut any = false;
                     for c in change {
+                        any = true;
                         match c {
                             SliceChange::Appeared(p) => self.send(EcsEvent::SliceAppeared(p)).await,
                             SliceChange::Gone(p) => self.send(EcsEvent::SliceGone(p)).await,
                             SliceChange::Inside => {}
+                            SliceChange::Populated => now_please = true,
                         }
                     }
-                    let at = tokio::time::Instant::now() + EVENT_DEBOUNCE;
+                    if !any {
+                        continue;
+                    }
+                    // A populated slice is set up at once; other events are coalesced.
+                    let delay = if now_please { Duration::ZERO } else { EVENT_DEBOUNCE };
+                    let at = tokio::time::Instant::now() + delay;
                     soon = Some(soon.map_or(at, |s| s.min(at)));
                     continue;
                 }
@@ -183,8 +192,33 @@ impl Source {
             }
         };
         let now = Instant::now();
+        // Placement first, with the roles known so far: the task's listeners come up at once,
+        // its identity follows when the role is learnt (its connections wait for that).
+        let (mut retry, due) = self.publish(&tasks, now).await;
+        if !due.is_empty() {
+            for (arn, pids) in due {
+                self.attest(&arn, &pids, now).await;
+            }
+            let (again, _) = self.publish(&tasks, Instant::now()).await;
+            retry = match (retry, again) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        retry
+    }
+
+    /// Publishes the task specs for `tasks` (if they changed). Returns when to look again early
+    /// and the tasks whose role should be asked for now.
+    async fn publish(
+        &mut self,
+        tasks: &[model::Task],
+        now: Instant,
+    ) -> (Option<Duration>, Vec<(String, Vec<u32>)>) {
         let mut specs = Vec::new();
         let mut retry: Option<Duration> = None;
+        let mut soon = |d: Duration| retry = Some(retry.map_or(d, |r: Duration| r.min(d)));
+        let mut due = Vec::new();
         let mut live = HashSet::new();
         for task in tasks.iter().filter(|t| t.is_live()) {
             if !self.settings.meshes(&task.family) {
@@ -201,7 +235,10 @@ impl Source {
             }
             let pids = cgroups::pids(&slice);
             let Some(pid) = self.pick_pid(&task.arn, &pids) else {
-                continue; // nothing runs yet; the slice already has the programs
+                // Listed, but no process yet: a container's scope exists before its process
+                // moves in, so look again shortly (the slice already has the programs).
+                soon(EVENT_DEBOUNCE);
+                continue;
             };
             if cgroups::in_agent_netns(pid) {
                 self.warn_once(&task.arn, "host", || format!(
@@ -216,10 +253,14 @@ impl Source {
                     task.arn, task.family, task.containers.len()
                 ));
             }
-            let (role, pending) = match self.role(&task.arn, &pids, now).await {
-                RoleOutcome::Known(r) => (r, false),
-                RoleOutcome::Pending(next) => {
-                    retry = Some(retry.map_or(next, |r| r.min(next)));
+            let (role, pending) = match self.roles.get(&task.arn) {
+                Some(Role::Known(r)) => (r.clone(), false),
+                Some(Role::Pending { next_try, .. }) if *next_try > now => {
+                    soon(*next_try - now);
+                    (None, true)
+                }
+                _ => {
+                    due.push((task.arn.clone(), pids.clone()));
                     (None, true)
                 }
             };
@@ -249,7 +290,7 @@ impl Source {
             self.last = Some(specs.clone());
             self.send(EcsEvent::Tasks(specs)).await;
         }
-        retry
+        (retry, due)
     }
 
     async fn fetch_tasks(&self) -> anyhow::Result<Vec<model::Task>> {
@@ -271,54 +312,38 @@ impl Source {
         Some(p)
     }
 
-    async fn role(&mut self, arn: &str, pids: &[u32], now: Instant) -> RoleOutcome {
+    /// Asks for a task's role and records the outcome (known, or when to ask again).
+    async fn attest(&mut self, arn: &str, pids: &[u32], now: Instant) {
         let backoff = match self.roles.get(arn) {
-            Some(Role::Known(r)) => return RoleOutcome::Known(r.clone()),
-            Some(Role::Pending { next_try, backoff }) if *next_try > now => {
-                return RoleOutcome::Pending(*next_try - now);
-            }
             Some(Role::Pending { backoff, .. }) => *backoff,
-            None => RETRY_MIN,
+            _ => RETRY_MIN,
         };
-        match attest::attest(pids, self.credentials, REQUEST_TIMEOUT).await {
+        let role = match attest::attest(pids, self.credentials, REQUEST_TIMEOUT).await {
             Attestation::Role(role) => {
                 self.metrics.ecs_attestation("role");
                 info!(task = %arn, role = %role, "task role attested");
-                self.roles
-                    .insert(arn.to_owned(), Role::Known(Some(role.clone())));
-                RoleOutcome::Known(Some(role))
+                Role::Known(Some(role))
             }
             Attestation::NoRole => {
                 self.metrics.ecs_attestation("no_role");
                 info!(task = %arn, "task has no IAM role: it gets no workload identity");
-                self.roles.insert(arn.to_owned(), Role::Known(None));
-                RoleOutcome::Known(None)
+                Role::Known(None)
             }
-            Attestation::NotYet => {
-                // Re-checked at the next container event or soon after.
-                self.roles.insert(
-                    arn.to_owned(),
-                    Role::Pending {
-                        next_try: now,
-                        backoff: RETRY_MIN,
-                    },
-                );
-                RoleOutcome::Pending(RETRY_MIN)
-            }
+            // No application process yet: asked again at the next container event or soon.
+            Attestation::NotYet => Role::Pending {
+                next_try: now + RETRY_MIN,
+                backoff: RETRY_MIN,
+            },
             Attestation::Retry(why) => {
                 self.metrics.ecs_attestation("retry");
                 info!(task = %arn, retry_in = ?backoff, "task role not known yet: {why}");
-                let next = (backoff * 2).min(RETRY_MAX);
-                self.roles.insert(
-                    arn.to_owned(),
-                    Role::Pending {
-                        next_try: now + backoff,
-                        backoff: next,
-                    },
-                );
-                RoleOutcome::Pending(backoff)
+                Role::Pending {
+                    next_try: now + backoff,
+                    backoff: (backoff * 2).min(RETRY_MAX),
+                }
             }
-        }
+        };
+        self.roles.insert(arn.to_owned(), role);
     }
 
     fn warn_once(&mut self, arn: &str, what: &'static str, message: impl FnOnce() -> String) {
@@ -326,11 +351,6 @@ impl Source {
             warn!("{}", message());
         }
     }
-}
-
-enum RoleOutcome {
-    Known(Option<RoleArn>),
-    Pending(Duration),
 }
 
 /// The agent's id for a discovered task (metric label `task`): family and the start of the
@@ -345,6 +365,8 @@ enum SliceChange {
     Gone(PathBuf),
     /// Something changed inside a task slice (a container scope appeared).
     Inside,
+    /// A task slice's first process joined (or its last left).
+    Populated,
 }
 
 /// inotify on `ecstasks.slice` (task slices) and on each task slice (container scopes). If the
@@ -403,7 +425,12 @@ impl SliceWatcher {
         if let Ok(wd) = inotify
             .get_mut()
             .watches()
-            .add(slice, WatchMask::CREATE | WatchMask::ONLYDIR)
+            // CREATE: a container scope; MODIFY of `cgroup.events`: the slice became populated
+            // (its first process, the pause container, joined): time to set the task up.
+            .add(
+                slice,
+                WatchMask::CREATE | WatchMask::MODIFY | WatchMask::ONLYDIR,
+            )
         {
             self.slices.insert(wd, slice.to_owned());
         }
@@ -442,7 +469,7 @@ impl SliceWatcher {
         let mut changes = Vec::new();
         for (wd, mask, name) in events {
             let is_root = self.root_wd.as_ref() == Some(&wd);
-            if is_root && let Some(name) = name.filter(|n| cgroups::is_task_slice(n)) {
+            if is_root && let Some(name) = name.clone().filter(|n| cgroups::is_task_slice(n)) {
                 let path = self.root.join(&name);
                 if mask.contains(EventMask::CREATE) {
                     self.watch_slice(&path);
@@ -454,6 +481,10 @@ impl SliceWatcher {
                 self.slices.remove(&wd);
                 if is_root {
                     self.root_wd = None;
+                }
+            } else if mask.contains(EventMask::MODIFY) {
+                if name.as_deref() == Some("cgroup.events") {
+                    changes.push(SliceChange::Populated);
                 }
             } else {
                 changes.push(SliceChange::Inside);
