@@ -60,6 +60,13 @@ pub enum ConnectErrorReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EcsInfoLabels {
+    pub cluster: String,
+    pub container_instance: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub destination_workload: String,
 }
@@ -156,6 +163,7 @@ pub struct Metrics {
     /// Failed reads of the ECS agent's task list.
     pub ecs_agent_errors: Counter,
     endpoint_ejections: Family<ServiceLabels, Counter>,
+    ecs_agent_info: Family<EcsInfoLabels, Gauge>,
     captured: Family<TaskLabels, Counter>,
     opened: Family<TaskLabels, Counter>,
     closed: Family<TaskLabels, Counter>,
@@ -228,6 +236,7 @@ impl Metrics {
             ecs_attestations: Family::default(),
             ecs_agent_errors: Counter::default(),
             endpoint_ejections: Family::default(),
+            ecs_agent_info: Family::default(),
         };
         let reg = &mut registry;
         reg.register(
@@ -364,6 +373,11 @@ impl Metrics {
             "mesh_ecs_agent_errors",
             "Failed reads of the ECS agent's task list (the last known list stays in force)",
             m.ecs_agent_errors.clone(),
+        );
+        reg.register(
+            "mesh_ecs_agent_info",
+            "The ECS cluster and container instance of this node, and the ECS agent's version (value 1)",
+            m.ecs_agent_info.clone(),
         );
         reg.register(
             "mesh_endpoint_ejections",
@@ -543,6 +557,17 @@ impl Metrics {
                 task: task.to_owned(),
             })
             .inc();
+    }
+
+    pub fn ecs_agent_info(&self, cluster: String, container_instance: String, version: String) {
+        self.ecs_agent_info.clear();
+        self.ecs_agent_info
+            .get_or_create(&EcsInfoLabels {
+                cluster,
+                container_instance,
+                version,
+            })
+            .set(1);
     }
 
     pub fn endpoint_ejected(&self, service: &str) {

@@ -451,6 +451,14 @@ fn running_tasks_are_meshed_at_start_and_a_stopped_task_is_torn_down() {
         ensure!(!config.contains("[[tasks]]"), "static tasks in {config}");
         let agent = start_agent(&f.node, &config)?;
         wait_meshed(&agent, 2)?;
+        // The node's identity from /v1/metadata.
+        let cluster = f.ecs.cluster();
+        agent.wait_metric(
+            "mesh_ecs_agent_info",
+            &[("cluster", cluster.as_str())],
+            METRIC_LAG,
+            |v| v == 1.0,
+        )?;
         for (task, role) in [(&a, "a"), (&b, "b")] {
             let id = task.agent_task_id();
             wait_for(

@@ -117,6 +117,7 @@ struct Source {
 
 impl Source {
     async fn run(mut self, stop: CancellationToken) {
+        self.describe_node().await;
         let mut watcher = SliceWatcher::new(&self.root);
         // Tasks already running when the agent starts: their slices get programs first.
         for slice in watcher.existing() {
@@ -291,6 +292,31 @@ impl Source {
             self.send(EcsEvent::Tasks(specs)).await;
         }
         (retry, due)
+    }
+
+    /// Logs and exports which cluster and instance this node is (`/v1/metadata`), so metrics
+    /// and logs of a node can be told apart. Best effort: the task list is what matters.
+    async fn describe_node(&self) {
+        let answer = http::get(self.agent, "/v1/metadata", REQUEST_TIMEOUT)
+            .await
+            .and_then(|(status, body)| {
+                anyhow::ensure!(status.is_success(), "/v1/metadata answered {status}");
+                Ok(serde_json::from_slice::<model::Metadata>(&body)?)
+            });
+        match answer {
+            Ok(m) => {
+                let unknown = || "unknown".to_owned();
+                let cluster = m.cluster.unwrap_or_else(unknown);
+                let instance = m.container_instance_arn.unwrap_or_else(unknown);
+                let version = m.version.unwrap_or_else(unknown);
+                info!(%cluster, container_instance = %instance, ecs_agent = %version, "ECS agent found");
+                self.metrics.ecs_agent_info(cluster, instance, version);
+            }
+            Err(e) => warn!(
+                "cannot read /v1/metadata from the ECS agent at {}: {e:#}",
+                self.agent
+            ),
+        }
     }
 
     async fn fetch_tasks(&self) -> anyhow::Result<Vec<model::Task>> {

@@ -9,6 +9,18 @@ fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result
     Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
+/// `/v1/metadata`: which cluster and container instance this node is.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Metadata {
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub container_instance_arn: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct TasksResponse {

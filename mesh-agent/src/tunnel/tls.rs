@@ -58,6 +58,15 @@ pub fn server_config(
     trust: Arc<Trust>,
     slot: Arc<WorkloadSlot>,
 ) -> Result<ServerConfig, rustls::Error> {
+    server_config_with(trust, Arc::new(SlotCert(slot)))
+}
+
+/// Both listener kinds: TLS 1.3, a client certificate of the trust domain required, ALPN h2;
+/// they differ in how the certificate to present is chosen.
+fn server_config_with(
+    trust: Arc<Trust>,
+    certificate: Arc<dyn ResolvesServerCert>,
+) -> Result<ServerConfig, rustls::Error> {
     let provider = provider();
     let verifier = Arc::new(PeerVerifier {
         algs: provider.signature_verification_algorithms,
@@ -67,7 +76,7 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(SlotCert(slot)));
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
 }
@@ -86,18 +95,7 @@ pub fn node_server_config(
     trust: Arc<Trust>,
     host_ports: Arc<HostPorts>,
 ) -> Result<ServerConfig, rustls::Error> {
-    let provider = provider();
-    let verifier = Arc::new(PeerVerifier {
-        algs: provider.signature_verification_algorithms,
-        trust,
-        expected: None,
-    });
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(ByServerName(host_ports)));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(config)
+    server_config_with(trust, Arc::new(ByServerName(host_ports)))
 }
 
 /// Picks the certificate of the task whose identity the client named.
