@@ -83,7 +83,7 @@ impl Capture {
 
     /// Forwards the programs' aya-log records to this process's `log`/`tracing` output.
     pub fn take_kernel_logger(&self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        let mut ebpf = self.control.lock().expect("capture lock poisoned");
+        let mut ebpf = self.control.lock().unwrap_or_else(|p| p.into_inner());
         aya_log::EbpfLogger::init(&mut ebpf).context("cannot read the eBPF programs' log buffer")
     }
 
@@ -94,7 +94,7 @@ impl Capture {
         settings: &CaptureSettings,
         outbound_port: u16,
     ) -> anyhow::Result<()> {
-        let mut ebpf = self.control.lock().expect("capture lock poisoned");
+        let mut ebpf = self.control.lock().unwrap_or_else(|p| p.into_inner());
         rules::apply(&mut ebpf, settings).context("cannot update the capture rule maps")?;
         let mut flags = SETTINGS_READY;
         if settings.mode == CaptureMode::All {
@@ -125,14 +125,14 @@ impl Capture {
         if v6 {
             bits |= mesh_common::NETNS_LISTENER_V6;
         }
-        let mut map = self.ready_netns.lock().expect("capture lock poisoned");
+        let mut map = self.ready_netns.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(netns_cookie, bits, 0)
             .context("cannot record the listeners in the READY_NETNS map (is it full?)")
     }
 
     /// Forgets a netns whose listeners are closing.
     pub fn listeners_gone(&self, netns_cookie: u64) {
-        let mut map = self.ready_netns.lock().expect("capture lock poisoned");
+        let mut map = self.ready_netns.lock().unwrap_or_else(|p| p.into_inner());
         let _ = map.remove(&netns_cookie);
     }
 
@@ -142,7 +142,7 @@ impl Capture {
     pub fn attach(&self, cgroup: &Path) -> anyhow::Result<Attachment> {
         let dir = std::fs::File::open(cgroup)
             .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
-        let mut ebpf = self.control.lock().expect("capture lock poisoned");
+        let mut ebpf = self.control.lock().unwrap_or_else(|p| p.into_inner());
         let ebpf = &mut *ebpf;
         let context = |what: &str| format!("cannot attach {what} to cgroup {}", cgroup.display());
         // sock_ops first: a connect captured by connect4/6 must find sock_ops in place to record
@@ -176,7 +176,7 @@ impl Capture {
     /// Detaches a task's programs. Connections already captured keep working; new connects of
     /// the task go straight to their destination.
     pub fn detach(&self, attachment: Attachment) -> anyhow::Result<()> {
-        let mut ebpf = self.control.lock().expect("capture lock poisoned");
+        let mut ebpf = self.control.lock().unwrap_or_else(|p| p.into_inner());
         detach_all(&mut ebpf, attachment)
     }
 
@@ -190,7 +190,7 @@ impl Capture {
             family: if peer.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
             _pad: 0,
         };
-        let mut map = self.dst_by_conn.lock().expect("capture lock poisoned");
+        let mut map = self.dst_by_conn.lock().unwrap_or_else(|p| p.into_inner());
         let dst = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         original_to_socket_addr(&dst)
