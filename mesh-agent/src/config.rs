@@ -369,8 +369,13 @@ impl OutlierConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
-    /// The destination: a local task id.
+    /// The destination: a local task id...
+    #[serde(default)]
     pub task: String,
+    /// ...or every task of a family (discovered ECS tasks: the task definition family; their
+    /// ids change with every deployment). Exactly one of the two.
+    #[serde(default)]
+    pub family: Option<String>,
     /// Destination ports this entry covers; empty means every port.
     #[serde(default)]
     pub ports: Vec<u16>,
@@ -518,6 +523,9 @@ pub struct TaskSpec {
     /// mutual-TLS connections.
     #[serde(default)]
     pub role_arn: Option<String>,
+    /// The task's family (ECS task definition family), which `[[policies]] family` matches.
+    #[serde(default)]
+    pub family: Option<String>,
     /// Ports the task publishes on the node (bridge mode), `"<host port>:<container port>"`:
     /// peers reach it at `<node ip>:<host port>` through the node's tunnel listener.
     #[serde(default)]
@@ -537,6 +545,7 @@ impl TaskSpec {
             && self.pid == other.pid
             && self.addresses == other.addresses
             && self.host_ports == other.host_ports
+            && self.family == other.family
     }
 }
 

@@ -30,6 +30,7 @@ pub enum Target {
 #[derive(Debug, PartialEq, Eq)]
 pub struct LocalWorkload {
     pub task: Arc<str>,
+    pub family: Option<Arc<str>>,
     /// `None` for a task without a role.
     pub identity: Option<SpiffeId>,
 }
@@ -88,6 +89,7 @@ impl Destinations {
             }
             let local = Arc::new(LocalWorkload {
                 task: task_id,
+                family: task.family.as_deref().map(Arc::from),
                 identity,
             });
             for ip in &task.addresses {

@@ -73,15 +73,25 @@ impl Principal {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+enum Selector {
+    Task(String),
+    Family(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Rule {
-    task: String,
+    selector: Selector,
     ports: Vec<u16>,
     allow: Vec<Principal>,
 }
 
 impl Rule {
-    fn covers(&self, task: &str, port: u16) -> bool {
-        self.task == task && (self.ports.is_empty() || self.ports.contains(&port))
+    fn covers(&self, task: &str, family: Option<&str>, port: u16) -> bool {
+        let selected = match &self.selector {
+            Selector::Task(t) => t == task,
+            Selector::Family(f) => family == Some(f.as_str()),
+        };
+        selected && (self.ports.is_empty() || self.ports.contains(&port))
     }
 }
 
@@ -114,9 +124,11 @@ impl Authorizer {
             let Some(td) = trust_domain else {
                 bail!("policies[{i}]: authorization policies need an [identity] section");
             };
-            if spec.task.is_empty() {
-                bail!("policies[{i}].task must not be empty");
-            }
+            let selector = match (spec.task.is_empty(), &spec.family) {
+                (false, None) => Selector::Task(spec.task.clone()),
+                (true, Some(f)) if !f.is_empty() => Selector::Family(f.clone()),
+                _ => bail!("policies[{i}] needs exactly one of `task` or `family`"),
+            };
             if spec.ports.contains(&0) {
                 bail!("policies[{i}].ports must not contain 0");
             }
@@ -129,7 +141,7 @@ impl Authorizer {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             rules.push(Rule {
-                task: spec.task.clone(),
+                selector,
                 ports: spec.ports.clone(),
                 allow,
             });
@@ -142,7 +154,19 @@ impl Authorizer {
     }
 
     /// May `source` connect to port `port` of local task `task`?
+    #[cfg(test)]
     pub fn check(&self, source: &SpiffeId, task: &str, port: u16) -> Decision {
+        self.check_in(source, task, None, port)
+    }
+
+    /// May `source` connect to port `port` of local task `task` (of `family`, if known)?
+    pub fn check_in(
+        &self,
+        source: &SpiffeId,
+        task: &str,
+        family: Option<&str>,
+        port: u16,
+    ) -> Decision {
         // mTLS verification already refuses other trust domains; this is a second guard.
         if self
             .trust_domain
@@ -152,7 +176,7 @@ impl Authorizer {
             return Decision::Deny { by_default: false };
         }
         let mut covered = false;
-        for rule in self.rules.iter().filter(|r| r.covers(task, port)) {
+        for rule in self.rules.iter().filter(|r| r.covers(task, family, port)) {
             covered = true;
             if rule.allow.iter().any(|p| p.matches(source)) {
                 return Decision::Allow;
@@ -187,6 +211,7 @@ mod tests {
     fn spec(task: &str, ports: &[u16], allow: &[&str]) -> PolicySpec {
         PolicySpec {
             task: task.into(),
+            family: None,
             ports: ports.to_vec(),
             allow: allow.iter().map(|s| s.to_string()).collect(),
         }
@@ -239,6 +264,39 @@ mod tests {
             authz.check(&foreign, "f", 1),
             Decision::Deny { by_default: false }
         );
+    }
+
+    #[test]
+    fn family_rules_cover_every_task_of_the_family() {
+        let by_family = PolicySpec {
+            task: String::new(),
+            family: Some("orders".into()),
+            ports: vec![],
+            allow: vec![A.into()],
+        };
+        let authz = Authorizer::new(&[by_family], DefaultPolicy::Allow, Some(&td())).unwrap();
+        let c = id(C);
+        assert_eq!(
+            authz.check_in(&id(A), "orders-8f03e412", Some("orders"), 80),
+            Decision::Allow
+        );
+        assert_eq!(
+            authz.check_in(&c, "orders-1234abcd", Some("orders"), 80),
+            Decision::Deny { by_default: false }
+        );
+        // Another family is not covered: the default applies.
+        assert_eq!(
+            authz.check_in(&c, "billing-1", Some("billing"), 80),
+            Decision::Allow
+        );
+        let both = PolicySpec {
+            task: "x".into(),
+            family: Some("orders".into()),
+            ports: vec![],
+            allow: vec![],
+        };
+        let err = Authorizer::new(&[both], DefaultPolicy::Allow, Some(&td())).unwrap_err();
+        assert!(err.to_string().contains("exactly one of"), "{err}");
     }
 
     #[test]

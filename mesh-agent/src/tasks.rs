@@ -221,6 +221,7 @@ impl TaskManager {
             let inbound = Arc::new(InboundContext {
                 scope: Scope::Task {
                     task_id: spec.id.as_str().into(),
+                    family: spec.family.as_deref().map(Arc::from),
                     slot: slot.clone(),
                     netns: task.netns.clone(),
                     addresses: spec.addresses.clone(),
@@ -245,8 +246,14 @@ impl TaskManager {
                     .iter()
                     .map(|p| (p.host, p.container))
                     .collect();
-                mesh.host_ports
-                    .set_task(&spec.id.as_str().into(), slot, &task.netns, &ports);
+                let family: Option<Arc<str>> = spec.family.as_deref().map(Arc::from);
+                mesh.host_ports.set_task(
+                    &spec.id.as_str().into(),
+                    family.as_ref(),
+                    slot,
+                    &task.netns,
+                    &ports,
+                );
             }
             _ => mesh.host_ports.remove_task(&spec.id),
         }

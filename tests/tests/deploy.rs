@@ -565,3 +565,62 @@ fn glob_matches_like_iam() {
     assert!(!glob_match("log-group:/ecs/x:*", "log-group:/ecs/xy:z"));
     assert!(glob_match("*", ""));
 }
+
+/// The example configuration is one the agent accepts: `mesh-agent check-config` on
+/// deploy/mesh.toml, with its trust files (on the daemon's tmpfs in production) replaced by a
+/// fresh trust directory made by `mesh-agent trust init` for the file's trust domain.
+#[test]
+fn example_configuration_passes_check_config() -> Result<()> {
+    let bin = mesh_testbed::agent::default_bin();
+    ensure!(
+        bin.is_file(),
+        "agent binary {} not found: build it (cargo build -p mesh-agent) or set MESH_AGENT_BIN",
+        bin.display()
+    );
+    let text = fs::read_to_string(deploy_dir().join(MESH_TOML))?;
+    let trust_domain = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("trust_domain"))
+        .and_then(|rest| rest.split('"').nth(1))
+        .context("deploy/mesh.toml has no identity.trust_domain")?;
+    let dir = std::env::temp_dir().join(format!("mesh-deploy-check-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let trust = dir.join("trust");
+    let init = std::process::Command::new(&bin)
+        .args(["trust", "init", "--dir"])
+        .arg(&trust)
+        .args(["--trust-domain", trust_domain])
+        .output()?;
+    ensure!(
+        init.status.success(),
+        "trust init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let local = text
+        .replace(
+            "/run/mesh/bundle.pem",
+            &trust.join("bundle.pem").to_string_lossy(),
+        )
+        .replace(
+            "/run/mesh/issuer.pem",
+            &trust.join("issuer.pem").to_string_lossy(),
+        );
+    ensure!(
+        local != text,
+        "deploy/mesh.toml does not read its trust files from /run/mesh"
+    );
+    let config = dir.join("mesh.toml");
+    fs::write(&config, local)?;
+    let check = std::process::Command::new(&bin)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()?;
+    let _ = fs::remove_dir_all(&dir);
+    ensure!(
+        check.status.success(),
+        "check-config rejected deploy/mesh.toml: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    Ok(())
+}

@@ -974,3 +974,42 @@ fn an_unreachable_ecs_agent_changes_nothing() {
         no_key_material_in(&log, &f.ecs, &[&a, &b])
     })
 }
+
+/// Policies select discovered tasks by family: their ids (`<family>-<task id prefix>`) change
+/// with every deployment, so a cluster-wide file names the family. a is allowed to b's family,
+/// c is not; the control is that c reaches a task of another family.
+#[test]
+fn policies_select_discovered_tasks_by_family() {
+    with_fixture(|f| {
+        let (a, _server_a) = f.running_task("a", Some("a"))?;
+        let (b, _server_b) = f.running_task("b", Some("b"))?;
+        let (c, _server_c) = f.running_task("c", Some("c"))?;
+        let policy = format!(
+            "[[policies]]\nfamily = \"b\"\nallow = [\"{}\"]\n",
+            spiffe_id("a")
+        );
+        let agent = start_agent(&f.node, &f.config(&policy))?;
+        wait_meshed(&agent, 3)?;
+        curl_ok(&a, &url(&b)).context("a is allowed to family b")?;
+        curl_ok(&c, &url(&a)).context("control: c reaches family a, which no policy names")?;
+        let denied = curl(c.command("curl")?, &url(&b), &[])?;
+        ensure!(
+            !denied.ok(),
+            "c reached family b although the policy allows only a: {}",
+            denied.describe()
+        );
+        let id_b = b.agent_task_id();
+        let c_principal = spiffe_id("c");
+        agent.wait_metric(
+            "mesh_policy_denials_total",
+            &[
+                ("reporter", "destination"),
+                ("source_principal", c_principal.as_str()),
+                ("destination_workload", id_b.as_str()),
+            ],
+            METRIC_LAG,
+            |v| v == 1.0,
+        )?;
+        Ok(())
+    })
+}

@@ -279,6 +279,7 @@ impl Source {
                 },
                 role_arn: role.map(|r| r.to_string()),
                 role_pending: pending,
+                family: Some(task.family.clone()),
             });
         }
         self.roles.retain(|arn, _| live.contains(arn));

@@ -133,11 +133,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
             labels.connection_security_policy = "mutual_tls";
             same_node = true;
             // Same node: no network hop, but the destination's policy still applies.
-            if let Decision::Deny { by_default } =
-                ctx.mesh
-                    .authorizer()
-                    .check(slot.id(), &local.task, dst.port())
-            {
+            if let Decision::Deny { by_default } = ctx.mesh.authorizer().check_in(
+                slot.id(),
+                &local.task,
+                local.family.as_deref(),
+                dst.port(),
+            ) {
                 info!(source = %labels.source_principal, source_role = %role_of(slot.id()), destination = %local.task, %dst, by_default, "connection denied by authorization policy");
                 // Both ends are this node's: count it as both agents would.
                 for reporter in ["source", "destination"] {

@@ -98,6 +98,7 @@ impl OverrideHeader {
         Authorizer::new(
             &[PolicySpec {
                 task: ALLOW_LIST_TASK.to_owned(),
+                family: None,
                 ports: Vec::new(),
                 allow: allow_from.to_vec(),
             }],
@@ -114,7 +115,9 @@ impl OverrideHeader {
     /// never may.
     pub fn allows(&self, source: Option<&SpiffeId>) -> bool {
         match (&self.allow, source) {
-            (Some(authz), Some(id)) => authz.check(id, ALLOW_LIST_TASK, 0) == Decision::Allow,
+            (Some(authz), Some(id)) => {
+                authz.check_in(id, ALLOW_LIST_TASK, None, 0) == Decision::Allow
+            }
             _ => false,
         }
     }

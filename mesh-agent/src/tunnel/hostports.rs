@@ -13,6 +13,7 @@ use crate::netns::NetnsWorker;
 /// The task behind a host port.
 pub struct HostPortOwner {
     pub task_id: Arc<str>,
+    pub family: Option<Arc<str>>,
     pub slot: Arc<WorkloadSlot>,
     pub netns: Arc<NetnsWorker>,
     /// Where the task listens inside its own netns.
@@ -27,6 +28,7 @@ impl HostPorts {
     pub fn set_task(
         &self,
         task_id: &Arc<str>,
+        family: Option<&Arc<str>>,
         slot: &Arc<WorkloadSlot>,
         netns: &Arc<NetnsWorker>,
         ports: &[(u16, u16)],
@@ -38,6 +40,7 @@ impl HostPorts {
                 host,
                 Arc::new(HostPortOwner {
                     task_id: task_id.clone(),
+                    family: family.cloned(),
                     slot: slot.clone(),
                     netns: netns.clone(),
                     container_port: container,

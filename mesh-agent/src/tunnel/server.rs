@@ -49,6 +49,7 @@ pub enum Scope {
     /// The listener in one task's netns (awsvpc): streams to that task's addresses.
     Task {
         task_id: Arc<str>,
+        family: Option<Arc<str>>,
         slot: Arc<WorkloadSlot>,
         netns: Arc<NetnsWorker>,
         /// The task's addresses: the only targets a stream may name.
@@ -72,6 +73,7 @@ impl Scope {
 /// Where one stream goes, once checked.
 struct Delivery {
     task_id: Arc<str>,
+    family: Option<Arc<str>>,
     slot: Arc<WorkloadSlot>,
     netns: Arc<NetnsWorker>,
     /// Connected from inside the task's netns.
@@ -225,7 +227,9 @@ async fn open_stream(
     };
     let source_principal = source.to_string();
     let port = delivery.connect_to.port();
-    if let Decision::Deny { by_default } = mesh.authorizer().check(source, &delivery.task_id, port)
+    if let Decision::Deny { by_default } =
+        mesh.authorizer()
+            .check_in(source, &delivery.task_id, delivery.family.as_deref(), port)
     {
         info!(
             source = %source_principal,
@@ -290,6 +294,7 @@ fn deliver_to(
     match scope {
         Scope::Task {
             task_id,
+            family,
             slot,
             netns,
             addresses,
@@ -302,6 +307,7 @@ fn deliver_to(
             }
             Ok(Delivery {
                 task_id: task_id.clone(),
+                family: family.clone(),
                 slot: slot.clone(),
                 netns: netns.clone(),
                 connect_to: target,
@@ -335,6 +341,7 @@ fn deliver_to(
             }
             Ok(Delivery {
                 task_id: owner.task_id.clone(),
+                family: owner.family.clone(),
                 slot: owner.slot.clone(),
                 netns: owner.netns.clone(),
                 // Bridge-mode containers listen on all their addresses; loopback in the
