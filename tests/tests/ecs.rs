@@ -1013,3 +1013,50 @@ fn policies_select_discovered_tasks_by_family() {
         Ok(())
     })
 }
+
+/// A task that vanishes in the middle of its set-up (its cgroup appears and gets programs, its
+/// pause process starts and is gone again, the ECS agent lists it and then as stopped) is
+/// cleaned up without disturbing the others: no links of the agent stay behind, the gauges
+/// come back, and a running task keeps working throughout.
+#[test]
+fn a_task_that_vanishes_mid_setup_is_cleaned_up_without_affecting_others() {
+    with_fixture(|f| {
+        let (a, _server_a) = f.running_task("a", Some("a"))?;
+        let (b, _server_b) = f.running_task("b", Some("b"))?;
+        let mut agent = start_agent(&f.node, &f.config(""))?;
+        wait_meshed(&agent, 2)?;
+        let links_before = links_held_by(agent.pid())?.len();
+
+        for round in 0..5 {
+            let mut v = f.ecs.task("v").role("v").port(APP_PORT).build()?;
+            v.create_cgroup()?;
+            v.start_pause()?;
+            v.register(TaskStatus::Running)?;
+            // Gone again at once: after 0, 5, 10, ... ms, somewhere in the agent's set-up.
+            std::thread::sleep(Duration::from_millis(5 * round));
+            v.stop()?;
+            drop(v);
+            curl_ok(&a, &url(&b)).with_context(|| format!("a -> b after vanish {round}"))?;
+        }
+        wait_meshed(&agent, 2)?;
+        wait_for(
+            "the agent's BPF links back to what they were before",
+            DISCOVERY_LAG,
+            || -> Result<std::result::Result<(), String>> {
+                let now = links_held_by(agent.pid())?.len();
+                Ok(if now == links_before {
+                    Ok(())
+                } else {
+                    Err(format!("{now} links held, {links_before} before"))
+                })
+            },
+        )?;
+        curl_ok(&b, &url(&a)).context("b -> a at the end")?;
+        ensure!(
+            agent.exit_status()?.is_none(),
+            "the agent exited:\n{}",
+            agent.log_tail(30)
+        );
+        Ok(())
+    })
+}
