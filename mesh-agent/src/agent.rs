@@ -22,6 +22,7 @@ use crate::policy::Authorizer;
 use crate::preflight;
 use crate::proxy::Mesh;
 use crate::routing::outlier::OutlierDetector;
+use crate::routing::table::RoutingTable;
 use crate::services;
 use crate::tasks::TaskManager;
 use crate::tunnel::{InboundContext, Pool, Scope, serve_inbound};
@@ -52,7 +53,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         config,
         discovered: Vec::new(),
     };
-    let (authorizer, destinations) =
+    let (authorizer, destinations, routing) =
         mesh_view(&state.config, &state.tasks(), &state.discovered_endpoints)?;
     let config = &state.config;
     let pool = certs.as_ref().map(|c| {
@@ -70,6 +71,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         OutlierDetector::new(config.outlier_detection.settings()),
         authorizer,
         destinations,
+        routing,
     ));
 
     let readiness = Arc::new(Readiness::default());
@@ -230,7 +232,7 @@ fn mesh_view(
     config: &Config,
     tasks: &[TaskSpec],
     endpoints: &[Vec<SocketAddr>],
-) -> anyhow::Result<(Authorizer, Destinations)> {
+) -> anyhow::Result<(Authorizer, Destinations, RoutingTable)> {
     let trust_domain = config
         .identity
         .as_ref()
@@ -241,7 +243,11 @@ fn mesh_view(
         config.mesh.default_policy,
         trust_domain.as_ref(),
     )?;
-    Ok((authorizer, Destinations::new(config, tasks, endpoints)?))
+    Ok((
+        authorizer,
+        Destinations::new(config, tasks, endpoints)?,
+        config.routing_table()?,
+    ))
 }
 
 /// The configured capture rules plus every meshed address: connections to meshed workloads
@@ -301,7 +307,8 @@ async fn apply(
     mesh: &Mesh,
 ) -> anyhow::Result<Vec<(String, anyhow::Error)>> {
     let all = state.tasks();
-    let (authorizer, destinations) = mesh_view(&state.config, &all, &state.discovered_endpoints)?;
+    let (authorizer, destinations, routing) =
+        mesh_view(&state.config, &all, &state.discovered_endpoints)?;
     capture
         .apply_rules(
             &capture_rules(&state.config.capture, &destinations),
@@ -309,7 +316,7 @@ async fn apply(
         )
         .context("capture rules unchanged")?;
     // Policy and destinations first, so a task started below already sees them.
-    mesh.update(authorizer, destinations);
+    mesh.update(authorizer, destinations, routing);
     Ok(tasks.reconcile(&all).await)
 }
 

@@ -46,6 +46,18 @@ pub struct Config {
     /// Passive health of DNS-discovered endpoints.
     #[serde(default)]
     pub outlier_detection: OutlierConfig,
+    /// L7 routing (docs/routing.md): mesh-wide settings...
+    #[serde(default)]
+    pub routing: crate::routing::model::RoutingSettings,
+    /// ...and the App Mesh objects.
+    #[serde(default)]
+    pub virtual_services: Vec<crate::routing::model::VirtualServiceSpec>,
+    #[serde(default)]
+    pub virtual_nodes: Vec<crate::routing::model::VirtualNodeSpec>,
+    #[serde(default)]
+    pub virtual_routers: Vec<crate::routing::model::VirtualRouterSpec>,
+    #[serde(default)]
+    pub routes: Vec<crate::routing::model::RouteSpec>,
     /// Inbound authorization: who may connect to this node's tasks.
     #[serde(default, rename = "policies")]
     pub policies: Vec<PolicySpec>,
@@ -565,13 +577,48 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+        Self::parse_named(&text, &path.display().to_string())
+            .with_context(|| format!("invalid config file {}", path.display()))
     }
 
+    #[cfg(test)]
     pub fn parse(text: &str) -> anyhow::Result<Config> {
+        Self::parse_named(text, "config")
+    }
+
+    /// Parses and validates; routing errors name `file`, the line and the field.
+    fn parse_named(text: &str, file: &str) -> anyhow::Result<Config> {
         let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         cfg.validate()?;
+        crate::routing::validate::parse_and_validate(text, file)
+            .map_err(|e| anyhow::anyhow!("invalid routing configuration:\n{e}"))?;
         Ok(cfg)
+    }
+
+    /// The compiled L7 routing table (empty when nothing is routed at L7).
+    pub fn routing_table(&self) -> anyhow::Result<crate::routing::table::RoutingTable> {
+        use crate::routing::{model::RoutingSpec, validate};
+        let spec = RoutingSpec {
+            routing: self.routing.clone(),
+            virtual_services: self.virtual_services.clone(),
+            virtual_nodes: self.virtual_nodes.clone(),
+            virtual_routers: self.virtual_routers.clone(),
+            routes: self.routes.clone(),
+        };
+        let known = validate::KnownNames {
+            services: self.services.iter().map(|s| s.name.clone()).collect(),
+            endpoints: self.endpoints.iter().map(|e| e.name.clone()).collect(),
+            tasks: self
+                .ecs
+                .is_none()
+                .then(|| self.tasks.iter().map(|t| t.id.clone()).collect()),
+            trust_domain: self
+                .identity
+                .as_ref()
+                .and_then(|i| i.trust_domain.parse().ok()),
+        };
+        validate::validate(&spec, &known, "", "config")
+            .map_err(|e| anyhow::anyhow!("invalid routing configuration:\n{e}"))
     }
 
     fn validate(&self) -> anyhow::Result<()> {

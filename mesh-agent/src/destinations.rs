@@ -21,6 +21,8 @@ pub enum Target {
     Local(Arc<LocalWorkload>),
     /// A meshed workload behind a peer agent.
     Remote(Arc<RemoteWorkload>),
+    /// A virtual service's address: routed at L7 (or by TCP route) to its virtual nodes.
+    VirtualService(Arc<str>),
     /// Not meshed: plain TCP, as without the mesh.
     Passthrough,
     /// Not meshed, and the egress policy refuses it.
@@ -55,6 +57,11 @@ pub struct Destinations {
     by_addr: HashMap<SocketAddr, Target>,
     /// Workload names by identity, to label the source of inbound connections.
     workloads: HashMap<SpiffeId, Arc<str>>,
+    /// Where the virtual nodes' endpoints are, by what they name: task ids, static endpoint
+    /// names and DNS service names.
+    task_addresses: HashMap<String, Vec<IpAddr>>,
+    endpoint_addresses: HashMap<String, Vec<IpAddr>>,
+    service_endpoints: HashMap<String, Vec<SocketAddr>>,
     egress: Egress,
 }
 
@@ -76,7 +83,11 @@ impl Destinations {
             .context("identity.trust_domain")?;
         let mut by_ip = HashMap::new();
         let mut workloads = HashMap::new();
+        let mut task_addresses = HashMap::new();
+        let mut endpoint_addresses = HashMap::new();
+        let mut service_endpoints = HashMap::new();
         for task in tasks {
+            task_addresses.insert(task.id.clone(), task.addresses.clone());
             let task_id: Arc<str> = task.id.as_str().into();
             let identity = match (&task.role_arn, &trust_domain) {
                 (Some(arn), Some(td)) => Some(RoleArn::from_str(arn)?.to_spiffe_id(td)),
@@ -117,6 +128,7 @@ impl Destinations {
                 td,
                 &format!("endpoints[{i}] (`{}`)", e.name),
             )?;
+            endpoint_addresses.insert(e.name.clone(), e.addresses.clone());
             let tunnel_port = e.tunnel_port.unwrap_or(config.agent.tunnel_port);
             if tunnel_port == 0 {
                 bail!("endpoints[{i}].tunnel_port must not be 0");
@@ -165,6 +177,7 @@ impl Destinations {
                 .entry(identity.clone())
                 .or_insert_with(|| service.name.as_str().into());
             let endpoints = discovered.get(i).cloned().unwrap_or_default();
+            service_endpoints.insert(service.name.clone(), endpoints.clone());
             let workload = Arc::new(RemoteWorkload {
                 name: service.name.as_str().into(),
                 identity,
@@ -180,10 +193,26 @@ impl Destinations {
                 }
             }
         }
+        for vs in &config.virtual_services {
+            let name: Arc<str> = vs.name.get_ref().as_str().into();
+            for ip in &vs.addresses {
+                if by_ip
+                    .insert(*ip, Target::VirtualService(name.clone()))
+                    .is_some()
+                {
+                    bail!(
+                        "virtual service `{name}`: address {ip} is already a task, an endpoint or another virtual service"
+                    );
+                }
+            }
+        }
         Ok(Destinations {
             by_ip,
             by_addr,
             workloads,
+            task_addresses,
+            endpoint_addresses,
+            service_endpoints,
             egress: config.mesh.egress,
         })
     }
@@ -202,6 +231,24 @@ impl Destinations {
             None if self.egress == Egress::Deny => Target::Refused,
             None => Target::Passthrough,
         }
+    }
+
+    /// The addresses of a local task, a static endpoint or a DNS service's endpoints, for a
+    /// virtual node that names it.
+    pub fn task_addresses(&self, task: &str) -> &[IpAddr] {
+        self.task_addresses.get(task).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn endpoint_addresses(&self, endpoint: &str) -> &[IpAddr] {
+        self.endpoint_addresses
+            .get(endpoint)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn service_endpoints(&self, service: &str) -> &[SocketAddr] {
+        self.service_endpoints
+            .get(service)
+            .map_or(&[], Vec::as_slice)
     }
 
     /// The workload name of an identity, when the configuration knows it.

@@ -14,6 +14,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::capture::Capture;
@@ -55,6 +56,8 @@ pub enum ConnectErrorReason {
     no_identity,
     /// The destination is not meshed and `mesh.egress = "deny"`.
     egress_denied,
+    /// A virtual service's address on a port none of its listeners has, or no TCP route.
+    no_route,
     /// Anything else (socket creation failure, netns worker gone, ...).
     other,
 }
@@ -92,6 +95,22 @@ pub struct TcpLabels {
     pub destination_principal: String,
     /// `mutual_tls` when carried by the tunnel (or between two meshed tasks of one node),
     /// `none` for plain TCP.
+    pub connection_security_policy: &'static str,
+}
+
+/// Istio's request labels (a subset: no per-request or per-endpoint-IP values).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub request_protocol: &'static str,
+    pub response_code: String,
+    pub grpc_response_status: String,
+    pub response_flags: String,
     pub connection_security_policy: &'static str,
 }
 
@@ -141,6 +160,10 @@ pub struct TcpMetrics {
 
 pub struct Metrics {
     registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
@@ -217,6 +240,10 @@ impl Metrics {
             tasks_meshed: Gauge::default(),
             reloads: Family::default(),
             registry: Registry::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(bytes_histogram),
+            response_bytes: Family::new_with_constructor(bytes_histogram),
             tcp_opened: Family::default(),
             tcp_closed: Family::default(),
             tcp_received: Family::default(),
@@ -288,6 +315,26 @@ impl Metrics {
             "mesh_config_reloads",
             "Configuration reloads by result",
             m.reloads.clone(),
+        );
+        reg.register(
+            "istio_requests",
+            "Requests, by reporter, source and destination workload and principal, service, response code and flags",
+            m.requests.clone(),
+        );
+        reg.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, from the request's arrival to the end of its response",
+            m.request_duration.clone(),
+        );
+        reg.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        reg.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
         );
         reg.register(
             "istio_tcp_connections_opened",
@@ -432,6 +479,7 @@ impl Metrics {
             tunnel,
             no_identity,
             egress_denied,
+            no_route,
             other,
         ] {
             self.connect_errors.remove(&ConnectErrorLabels {
@@ -452,6 +500,26 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// One finished request.
+    pub fn request(
+        &self,
+        labels: &RequestLabels,
+        duration: std::time::Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        self.requests.get_or_create(labels).inc();
+        self.request_duration
+            .get_or_create(labels)
+            .observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(request_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(response_bytes as f64);
     }
 
     /// Counter handles for one connection's label set.
@@ -598,6 +666,20 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Istio's default millisecond buckets, so dashboards' `histogram_quantile` reads the same.
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+        30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    ])
+}
+
+fn bytes_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 10.0, 9,
+    ))
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {

@@ -319,6 +319,7 @@ impl TaskManager {
             task_id: task_id.clone(),
             identity: identity_rx,
             attestation_timeout: self.attestation_timeout,
+            l7_pool: Default::default(),
             mesh: self.mesh.clone(),
             netns: netns.clone(),
             capture: self.capture.clone(),

@@ -2,8 +2,9 @@
 //! directly (unmeshed destinations and tasks of this node) or through the mutual-TLS tunnel to
 //! the destination's agent.
 
-#[allow(dead_code)] // wired into the outbound path next
+#[allow(dead_code)] // protocol detection and gRPC retry events are wired next
 mod http;
+mod l7;
 mod outbound;
 mod splice;
 
@@ -24,7 +25,9 @@ use crate::destinations::Destinations;
 use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
+use crate::routing::budget::RetryBudget;
 use crate::routing::outlier::OutlierDetector;
+use crate::routing::table::RoutingTable;
 use crate::tunnel::{HostPorts, Pool};
 
 /// What every connection of the node consults: the destination table and authorization policy
@@ -40,6 +43,9 @@ pub struct Mesh {
     pub host_ports: Arc<HostPorts>,
     authorizer: Live<Authorizer>,
     destinations: Live<Destinations>,
+    routing: Live<RoutingTable>,
+    /// One retry budget per virtual service, so one failing service cannot spend another's.
+    budgets: std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<RetryBudget>>>,
 }
 
 impl Mesh {
@@ -50,6 +56,7 @@ impl Mesh {
         outliers: OutlierDetector,
         authorizer: Authorizer,
         destinations: Destinations,
+        routing: RoutingTable,
     ) -> Mesh {
         Mesh {
             metrics,
@@ -59,6 +66,8 @@ impl Mesh {
             host_ports: Arc::default(),
             authorizer: Live::new(authorizer),
             destinations: Live::new(destinations),
+            routing: Live::new(routing),
+            budgets: Default::default(),
         }
     }
 
@@ -71,7 +80,32 @@ impl Mesh {
     }
 
     /// A reload: new connections see the new table and policy; open ones are not touched.
-    pub fn update(&self, authorizer: Authorizer, destinations: Destinations) {
+    pub fn routing(&self) -> Arc<RoutingTable> {
+        self.routing.get()
+    }
+
+    /// The retry budget of a virtual service (kept across reloads: its window is history).
+    pub fn retry_budget(&self, virtual_service: &Arc<str>) -> Arc<RetryBudget> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        budgets
+            .entry(virtual_service.clone())
+            .or_insert_with(|| Arc::new(RetryBudget::new(self.routing().retry_budget())))
+            .clone()
+    }
+
+    pub fn update(
+        &self,
+        authorizer: Authorizer,
+        destinations: Destinations,
+        routing: RoutingTable,
+    ) {
+        if routing.retry_budget() != self.routing().retry_budget() {
+            self.budgets
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        self.routing.set(routing);
         let live: Vec<SocketAddr> = destinations.meshed_endpoints().collect();
         self.outliers.retain(&live);
         self.authorizer.set(authorizer);

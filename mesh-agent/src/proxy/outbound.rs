@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::splice::splice;
-use super::{ConnectionSet, Mesh, accept_loop};
+use super::{ConnectionSet, Mesh, accept_loop, http, l7};
 use crate::capture::Capture;
 use crate::certs::WorkloadSlot;
 use crate::destinations::{RemoteWorkload, Target};
@@ -29,6 +29,9 @@ pub struct OutboundContext {
     pub identity: watch::Receiver<Identity>,
     /// How long a meshed connection waits for a pending identity.
     pub attestation_timeout: Duration,
+    /// Upstream HTTP connections of this task's L7 traffic (made from its netns, with its
+    /// identity), created on first use.
+    pub l7_pool: std::sync::OnceLock<Arc<http::Pool<l7::MeshConnector>>>,
     pub mesh: Arc<Mesh>,
     pub netns: Arc<NetnsWorker>,
     pub capture: Arc<Capture>,
@@ -54,15 +57,13 @@ pub async fn serve_outbound(
         &connections,
         "outbound",
         &task_id,
-        |stream, peer| {
-            let ctx = ctx.clone();
-            async move { handle(stream, peer, &ctx).await }
-        },
+        |stream, peer| handle(stream, peer, ctx.clone()),
     )
     .await;
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
+async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) {
+    let ctx = &ctx;
     let m = &ctx.metrics;
     let Some(dst) = ctx.capture.take_original_dst(ctx.netns_cookie, peer) else {
         // Someone connected to the listener directly, or the kernel entry was lost.
@@ -82,7 +83,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     // Meshed destinations need the identity and wait for a pending one; others only report it
     // when it is already known.
     let slot = match target {
-        Target::Local(_) | Target::Remote(_) if ctx.mesh.certs.is_some() => {
+        Target::Local(_) | Target::Remote(_) | Target::VirtualService(_)
+            if ctx.mesh.certs.is_some() =>
+        {
             ctx.workload_identity().await
         }
         _ => match &*ctx.identity.borrow() {
@@ -103,6 +106,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: &OutboundContext) {
     };
     let mut same_node = false;
     let upstream: Upstream = match target {
+        Target::VirtualService(vs) => {
+            return l7::serve(ctx.clone(), slot, client, vs, dst).await;
+        }
         Target::Refused => {
             info!(task = %ctx.task_id, %dst, "destination is not meshed and egress is denied; connection refused");
             m.connect_error(ConnectErrorReason::egress_denied);
@@ -302,6 +308,21 @@ fn refuse_unreachable(
 }
 
 impl OutboundContext {
+    /// The task's L7 connection pool.
+    pub fn l7_pool(&self, connector: l7::MeshConnector) -> Arc<http::Pool<l7::MeshConnector>> {
+        self.l7_pool
+            .get_or_init(|| {
+                http::Pool::new(
+                    connector,
+                    http::PoolOptions {
+                        idle_timeout: l7::POOL_IDLE,
+                        ..http::PoolOptions::default()
+                    },
+                )
+            })
+            .clone()
+    }
+
     /// The task's certificate; waits up to the attestation timeout while the task's role is
     /// still being learnt (a new task's first connection).
     async fn workload_identity(&self) -> Option<Arc<WorkloadSlot>> {

@@ -6,14 +6,14 @@
 //! connection are ejected for a while, so the next connections go to their healthy peers
 //! long before DNS (TTL 60 s on Cloud Map) or the control plane notices.
 
-#[allow(dead_code)] // wired by the L7 proxy
+#[allow(dead_code)] // accessors for routing by Host/:authority and gRPC retry codes come next
 pub mod budget;
-#[allow(dead_code)] // wired by the L7 proxy
+#[allow(dead_code)] // accessors for routing by Host/:authority and gRPC retry codes come next
 pub mod model;
 pub mod outlier;
-#[allow(dead_code)] // wired by the L7 proxy
+#[allow(dead_code)] // accessors for routing by Host/:authority and gRPC retry codes come next
 pub mod overrides;
-#[allow(dead_code)] // wired by the L7 proxy
+#[allow(dead_code)] // accessors for routing by Host/:authority and gRPC retry codes come next
 pub mod table;
-#[allow(dead_code)] // wired by the L7 proxy
+#[allow(dead_code)] // accessors for routing by Host/:authority and gRPC retry codes come next
 pub mod validate;

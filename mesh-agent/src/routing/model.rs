@@ -91,6 +91,11 @@ pub struct OverrideHeaderSpec {
 pub struct VirtualServiceSpec {
     /// A DNS name (matched case-insensitively against the request's host).
     pub name: Spanned<String>,
+    /// The addresses the name resolves to for applications (what their DNS answers, e.g. a
+    /// Cloud Map or Route 53 record): connections to them on the provider's listener ports are
+    /// captured and routed.
+    #[serde(default)]
+    pub addresses: Vec<std::net::IpAddr>,
     /// `provider = { virtual_router = "serviceB" }` or `{ virtual_node = "serviceB" }`.
     pub provider: ProviderSpec,
 }

@@ -1,0 +1,407 @@
+//! Connections to a virtual service's address: routed by the routing table (docs/routing.md).
+//! HTTP, HTTP/2 and gRPC listeners are served by the L7 engine (`proxy::http`), one routing
+//! decision per request; TCP listeners get one decision per connection. Either way the chosen
+//! virtual node's endpoint is reached like any meshed destination: through the tunnel, or
+//! directly for a task of this node.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tracing::{debug, info};
+
+use super::Mesh;
+use super::http::{self, Decision, HttpVersion, RequestRecord, RetryOn, Target};
+use super::outbound::OutboundContext;
+use super::splice::splice;
+use crate::certs::WorkloadSlot;
+use crate::destinations::Target as Destination;
+use crate::metrics::{ConnectErrorReason, RequestLabels, TcpLabels, UNKNOWN};
+use crate::routing::budget::RetryBudget;
+use crate::routing::model::Protocol;
+use crate::routing::table::{Discovery, RequestView, VirtualNode};
+use crate::tunnel::{Source, TunnelStream};
+
+/// Carries one captured connection to virtual service `vs`.
+pub async fn serve(
+    ctx: Arc<OutboundContext>,
+    slot: Option<Arc<WorkloadSlot>>,
+    client: TcpStream,
+    vs: Arc<str>,
+    dst: SocketAddr,
+) {
+    let table = ctx.mesh.routing();
+    let Some(protocol) = table.listener_protocol(&vs, dst.port()) else {
+        info!(task = %ctx.task_id, %dst, virtual_service = %vs, "no listener of the virtual service on this port; connection refused");
+        ctx.metrics.connect_error(ConnectErrorReason::no_route);
+        let _ = client.set_zero_linger();
+        return;
+    };
+    let connector = MeshConnector {
+        ctx: ctx.clone(),
+        slot: slot.clone(),
+    };
+    let _ = client.set_nodelay(true);
+    match protocol {
+        Protocol::Tcp => serve_tcp(&ctx, slot, client, &vs, dst, connector).await,
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
+            let app_protocol = match protocol {
+                Protocol::Http => http::Protocol::Http1,
+                _ => http::Protocol::Http2,
+            };
+            let source = slot.as_ref().map(|s| s.id().clone());
+            let router = Arc::new(VsRouter {
+                mesh: ctx.mesh.clone(),
+                vs: vs.clone(),
+                source,
+                port: dst.port(),
+            });
+            let observer = Arc::new(Observer {
+                mesh: ctx.mesh.clone(),
+                source_workload: ctx.task_id.clone(),
+                source_principal: slot
+                    .as_ref()
+                    .map_or_else(|| UNKNOWN.into(), |s| s.id().to_string().into()),
+                vs: vs.clone(),
+            });
+            let pool = ctx.l7_pool(connector);
+            let budget = ctx.mesh.retry_budget(&vs);
+            ctx.metrics.opened.inc();
+            ctx.metrics.active.inc();
+            let served = http::serve(client, app_protocol, router, pool, budget, observer).await;
+            ctx.metrics.active.dec();
+            ctx.metrics.closed.inc();
+            if let Err(e) = served {
+                debug!(task = %ctx.task_id, virtual_service = %vs, error = %e, "HTTP connection ended with an error");
+            }
+        }
+    }
+}
+
+/// A TCP listener: one weighted choice per connection, then bytes.
+async fn serve_tcp(
+    ctx: &OutboundContext,
+    slot: Option<Arc<WorkloadSlot>>,
+    client: TcpStream,
+    vs: &Arc<str>,
+    dst: SocketAddr,
+    connector: MeshConnector,
+) {
+    let table = ctx.mesh.routing();
+    let Some(decision) = table.route_tcp(vs) else {
+        ctx.metrics.connect_error(ConnectErrorReason::no_route);
+        let _ = client.set_zero_linger();
+        return;
+    };
+    let port = decision.port.unwrap_or(dst.port());
+    let target = Target {
+        name: decision.target.name().into(),
+        addr: pick_endpoint(&ctx.mesh, decision.target, port),
+    };
+    let upstream = match connector.open(&target).await {
+        Ok(u) => u,
+        Err(e) => {
+            info!(task = %ctx.task_id, virtual_service = %vs, node = %target.name, error = %e, "cannot reach the virtual node");
+            ctx.metrics
+                .connect_error(ConnectErrorReason::upstream_unavailable);
+            let _ = client.set_zero_linger();
+            return;
+        }
+    };
+    let labels = TcpLabels {
+        reporter: "source",
+        source_workload: ctx.task_id.to_string(),
+        source_principal: slot
+            .as_ref()
+            .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string()),
+        destination_workload: target.name.to_string(),
+        destination_principal: destination_principal(&ctx.mesh, target.addr),
+        connection_security_policy: security_policy(&ctx.mesh, target.addr),
+    };
+    let tcp = ctx.mesh.metrics.tcp(&labels);
+    tcp.opened.inc();
+    ctx.metrics.opened.inc();
+    ctx.metrics.active.inc();
+    let m = &ctx.metrics;
+    let (up, down) = (
+        [&m.sent_bytes, &tcp.received_bytes],
+        [&m.received_bytes, &tcp.sent_bytes],
+    );
+    if let Err(e) = splice(client, upstream, &up, &down).await {
+        debug!(task = %ctx.task_id, virtual_service = %vs, error = %e, "connection ended with an error");
+    }
+    ctx.metrics.active.dec();
+    ctx.metrics.closed.inc();
+    tcp.closed.inc();
+}
+
+/// An endpoint of `node` for `port`: a DNS service's endpoint (healthy ones first), a static
+/// endpoint's address, or the local task's address. Unspecified when the node has none yet;
+/// connecting to it then fails as "no endpoint" (a 503 for HTTP).
+fn pick_endpoint(mesh: &Mesh, node: &VirtualNode, port: u16) -> SocketAddr {
+    let destinations = mesh.destinations();
+    let random = |n: usize| fastrand::usize(..n);
+    let none = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port);
+    match node.discovery() {
+        Discovery::Service(name) => {
+            let endpoints = destinations.service_endpoints(name);
+            if endpoints.is_empty() {
+                return none;
+            }
+            let wanted = endpoints[random(endpoints.len())];
+            mesh.outliers.choose(wanted, endpoints, Instant::now())
+        }
+        Discovery::Endpoint(name) => {
+            let ips = destinations.endpoint_addresses(name);
+            ips.get(random(ips.len().max(1)))
+                .map_or(none, |ip| SocketAddr::new(*ip, port))
+        }
+        Discovery::Task(id) => destinations
+            .task_addresses(id)
+            .first()
+            .map_or(none, |ip| SocketAddr::new(*ip, port)),
+    }
+}
+
+fn destination_principal(mesh: &Mesh, addr: SocketAddr) -> String {
+    match mesh.destinations().resolve(addr) {
+        Destination::Remote(w) => w.identity.to_string(),
+        Destination::Local(l) => l
+            .identity
+            .as_ref()
+            .map_or_else(|| UNKNOWN.to_owned(), |i| i.to_string()),
+        _ => UNKNOWN.to_owned(),
+    }
+}
+
+fn security_policy(mesh: &Mesh, addr: SocketAddr) -> &'static str {
+    match mesh.destinations().resolve(addr) {
+        Destination::Remote(_) | Destination::Local(_) if mesh.certs.is_some() => "mutual_tls",
+        _ => "none",
+    }
+}
+
+/// Per-request routing over the routing table.
+struct VsRouter {
+    mesh: Arc<Mesh>,
+    vs: Arc<str>,
+    source: Option<crate::identity::SpiffeId>,
+    /// The port the application connected to.
+    port: u16,
+}
+
+impl http::Router for VsRouter {
+    fn route(&self, request: &::http::request::Parts) -> Option<Decision> {
+        let table = self.mesh.routing();
+        let view = RequestView::new(&request.method, request.uri.path(), &request.headers);
+        let d = table.route_http(&self.vs, &view, self.source.as_ref())?;
+        let port = d.port.unwrap_or(self.port);
+        let retry = d.retry;
+        Some(Decision {
+            target: Target {
+                name: d.target.name().into(),
+                addr: pick_endpoint(&self.mesh, d.target, port),
+            },
+            per_try_timeout: retry.map(|r| r.per_retry_timeout),
+            request_timeout: d.timeouts.per_request,
+            max_retries: retry.map_or(0, |r| r.max_retries),
+            retry_on: RetryOn {
+                server_error: retry.is_some_and(|r| r.retries_status(500)),
+                gateway_error: retry.is_some_and(|r| r.retries_status(502)),
+                connection_error: retry.is_some_and(|r| r.retries_connection_error()),
+                client_error: retry.is_some_and(|r| r.retries_status(409)),
+                stream_error: retry.is_some_and(|r| r.retries_stream_error()),
+                ..RetryOn::default()
+            },
+        })
+    }
+}
+
+impl http::Budget for RetryBudget {
+    fn record_request(&self) {
+        RetryBudget::record_request(self);
+    }
+
+    fn try_retry(&self) -> bool {
+        RetryBudget::try_retry(self)
+    }
+}
+
+/// Turns request records into Istio's request metrics (reporter `source`).
+struct Observer {
+    mesh: Arc<Mesh>,
+    source_workload: Arc<str>,
+    source_principal: Arc<str>,
+    vs: Arc<str>,
+}
+
+impl http::RequestObserver for Observer {
+    fn observe(&self, r: RequestRecord) {
+        let (workload, principal, policy) = match &r.target {
+            Some(t) => (
+                t.name.to_string(),
+                destination_principal(&self.mesh, t.addr),
+                security_policy(&self.mesh, t.addr),
+            ),
+            None => (UNKNOWN.to_owned(), UNKNOWN.to_owned(), "none"),
+        };
+        let labels = RequestLabels {
+            reporter: "source",
+            source_workload: self.source_workload.to_string(),
+            source_principal: self.source_principal.to_string(),
+            destination_workload: workload,
+            destination_principal: principal,
+            destination_service: self.vs.to_string(),
+            request_protocol: if r.grpc_status.is_some() {
+                "grpc"
+            } else {
+                "http"
+            },
+            response_code: r.response_code.to_string(),
+            grpc_response_status: r.grpc_status.map_or_else(String::new, |s| s.to_string()),
+            response_flags: r.response_flags.to_string(),
+            connection_security_policy: policy,
+        };
+        self.mesh
+            .metrics
+            .request(&labels, r.duration, r.request_bytes, r.response_bytes);
+    }
+}
+
+/// Opens upstream streams for the L7 pool of one source task.
+pub struct MeshConnector {
+    ctx: Arc<OutboundContext>,
+    slot: Option<Arc<WorkloadSlot>>,
+}
+
+impl MeshConnector {
+    async fn open(&self, target: &Target) -> io::Result<UpstreamIo> {
+        if target.addr.ip().is_unspecified() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("virtual node {} has no endpoint", target.name),
+            ));
+        }
+        let mesh = &self.ctx.mesh;
+        match mesh.destinations().resolve(target.addr) {
+            Destination::Remote(remote) => {
+                let (Some(slot), Some(pool)) = (&self.slot, &mesh.pool) else {
+                    return Err(io::Error::other("the task has no identity"));
+                };
+                let source = Source {
+                    task: &self.ctx.task_id,
+                    slot,
+                    netns: &self.ctx.netns,
+                };
+                let peer = SocketAddr::new(target.addr.ip(), remote.tunnel_port);
+                let opened = pool.open(source, &remote.identity, peer, target.addr).await;
+                let balanced = !remote.endpoints.is_empty();
+                match opened {
+                    Ok(stream) => {
+                        if balanced {
+                            mesh.outliers.record_success(target.addr, Instant::now());
+                        }
+                        Ok(UpstreamIo::Tunnel(Box::new(stream)))
+                    }
+                    Err(e) => {
+                        if balanced && mesh.outliers.record_failure(target.addr, Instant::now()) {
+                            mesh.metrics.endpoint_ejected(&remote.name);
+                        }
+                        Err(io::Error::other(e.to_string()))
+                    }
+                }
+            }
+            Destination::Local(_) | Destination::Passthrough => {
+                let socket = self
+                    .ctx
+                    .netns
+                    .tcp_socket(target.addr.is_ipv6())
+                    .await
+                    .map_err(|e| io::Error::other(format!("{e:#}")))?;
+                let socket = TcpSocket::from_std_stream(socket);
+                let _ = socket.set_nodelay(true);
+                let timeout = self.ctx.connect_timeout;
+                let stream = tokio::time::timeout(timeout, socket.connect(target.addr))
+                    .await
+                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                Ok(UpstreamIo::Tcp(stream))
+            }
+            Destination::VirtualService(_) | Destination::Refused => Err(io::Error::other(
+                format!("{} is not a reachable endpoint", target.addr),
+            )),
+        }
+    }
+}
+
+impl http::Connector for MeshConnector {
+    type Io = UpstreamIo;
+
+    fn protocol(&self, target: &Target) -> HttpVersion {
+        let table = self.ctx.mesh.routing();
+        match table
+            .virtual_node(&target.name)
+            .and_then(|n| n.protocol_on(target.addr.port()))
+        {
+            Some(Protocol::Http2 | Protocol::Grpc) => HttpVersion::Http2,
+            _ => HttpVersion::Http1,
+        }
+    }
+
+    fn connect(&self, target: &Target) -> impl Future<Output = io::Result<UpstreamIo>> + Send {
+        self.open(target)
+    }
+}
+
+/// An upstream byte stream: a direct TCP connection or a tunnel stream.
+pub enum UpstreamIo {
+    Tcp(TcpStream),
+    Tunnel(Box<TunnelStream>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How long idle upstream connections of a task's L7 pool are kept.
+pub const POOL_IDLE: Duration = Duration::from_secs(30);
