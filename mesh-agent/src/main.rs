@@ -17,6 +17,7 @@ mod preflight;
 mod proxy;
 mod routing;
 mod services;
+mod stat;
 mod tasks;
 mod tunnel;
 
@@ -54,6 +55,8 @@ enum Command {
     },
     /// Manage the trust anchor and issuer (offline operator commands; no root needed).
     Trust(identity::cli::TrustArgs),
+    /// Per-hop success rate, RPS, latency and TCP traffic from an agent's metrics endpoint.
+    Stat(stat::StatArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
             .and_then(|rt| rt.block_on(agent::run(config))),
         Command::CheckConfig { config } => agent::check_config(&config),
         Command::Trust(args) => identity::cli::run(args),
+        Command::Stat(args) => stat::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

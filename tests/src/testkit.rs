@@ -29,6 +29,13 @@ pub enum ServeMode {
     Echo,
     /// Read to EOF, then send the SHA-256 of it and `reply_bytes` pattern bytes.
     HalfClose { reply_bytes: u64 },
+    /// HTTP: `503 Service Unavailable` to `fail_percent`% of the requests, deterministically
+    /// (50: every second request; 100: all), otherwise like `Http`. `GET /count` is not
+    /// counted and answers `count=<requests received so far>`.
+    Flaky { fail_percent: u8 },
+    /// HTTP: like `Http` after `delay`, except requests whose path starts with `/fast`,
+    /// answered at once.
+    Slow { delay: Duration },
 }
 
 /// The `mesh-testkit` binary.
@@ -73,6 +80,12 @@ impl Testkit {
             ServeMode::HalfClose { reply_bytes } => command
                 .args(["--mode", "halfclose", "--reply-bytes"])
                 .arg(reply_bytes.to_string()),
+            ServeMode::Flaky { fail_percent } => command
+                .args(["--mode", "flaky", "--fail-percent"])
+                .arg(fail_percent.to_string()),
+            ServeMode::Slow { delay } => command
+                .args(["--mode", "slow", "--delay-ms"])
+                .arg(delay.as_millis().to_string()),
         };
         let log = task.new_file(&format!("serve-{}", task.id()), "log");
         command

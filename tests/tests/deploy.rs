@@ -20,7 +20,15 @@ const EXECUTION_TRUST: &str = "iam-execution-role-trust-policy.json";
 const MESH_TOML: &str = "mesh.toml";
 
 /// Every JSON artefact and what it is; a new file needs its checks here.
-const JSON_FILES: &[&str] = &[TASK_DEFINITION, SERVICE, EXECUTION_POLICY, EXECUTION_TRUST];
+/// The Grafana dashboard is a JSON artefact too; its content is checked in observability.rs.
+const DASHBOARD: &str = "grafana-dashboard.json";
+const JSON_FILES: &[&str] = &[
+    TASK_DEFINITION,
+    SERVICE,
+    EXECUTION_POLICY,
+    EXECUTION_TRUST,
+    DASHBOARD,
+];
 
 const AGENT_BIN: &str = "/usr/local/bin/mesh-agent";
 const BUNDLE_ENV: &str = "MESH_TRUST_BUNDLE_PEM";

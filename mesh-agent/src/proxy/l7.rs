@@ -73,7 +73,19 @@ pub async fn serve(
             let budget = ctx.mesh.retry_budget(&vs);
             ctx.metrics.opened.inc();
             ctx.metrics.active.inc();
-            let served = http::serve(client, app_protocol, router, pool, budget, observer).await;
+            let options = http::ServeOptions {
+                idle_timeout: table.idle_timeout(&vs),
+            };
+            let served = http::serve_with(
+                client,
+                app_protocol,
+                router,
+                pool,
+                budget,
+                observer,
+                &options,
+            )
+            .await;
             ctx.metrics.active.dec();
             ctx.metrics.closed.inc();
             if let Err(e) = served {

@@ -503,6 +503,25 @@ impl RoutingTable {
         self.service(authority).map(|s| s.name.as_str())
     }
 
+    /// The idle timeout of an application connection to `vs`: the shortest of its routes' (one
+    /// connection may carry requests for any of them), else the default.
+    pub fn idle_timeout(&self, vs: &str) -> Option<Duration> {
+        let s = self.service(vs)?;
+        match s.provider {
+            Provider::Router(r) => {
+                let router = &self.routers[r];
+                router
+                    .request_routes
+                    .iter()
+                    .chain(&router.tcp_routes)
+                    .filter_map(|route| route.timeouts.idle)
+                    .min()
+                    .or(Some(DEFAULT_IDLE_TIMEOUT))
+            }
+            Provider::Node(_) => Some(DEFAULT_IDLE_TIMEOUT),
+        }
+    }
+
     /// The declared protocol of virtual service `vs` on `port` (its router's or node's
     /// listener), from which the proxy knows whether to parse HTTP.
     pub fn listener_protocol(&self, vs: &str, port: u16) -> Option<Protocol> {

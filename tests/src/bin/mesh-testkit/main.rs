@@ -4,7 +4,7 @@
 //! it only moves deterministic bytes and checks that they arrive intact.
 //!
 //! ```text
-//! mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose [--reply-bytes N]
+//! mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose|flaky|slow [--reply-bytes N] [--fail-percent P] [--delay-ms D]
 //! mesh-testkit client --connect ADDR --mode halfclose --send-bytes N --expect-bytes M
 //! mesh-testkit client --connect ADDR --mode echo --send-bytes N
 //! mesh-testkit client --connect ADDR --mode concurrent --connections C --send-bytes K
@@ -14,6 +14,8 @@
 //! mesh-testkit mint   --issuer ISSUER_PEM | --new-ca true  --spiffe-id ID
 //!                     [--validity current|expired] --dir DIR [--stem NAME]
 //! mesh-testkit ecs-agent --listen ADDR --state FILE
+//! mesh-testkit grpc-serve --listen ADDR
+//! mesh-testkit grpc-call --connect ADDR --path /pkg.Svc/Method --authority HOST
 //! ```
 //! Every client mode also takes `--timeout SECS` (default 30): no single connect, read or
 //! write may block longer, so a broken path fails instead of hanging. Exit status: 0 on
@@ -27,6 +29,7 @@
 mod args;
 mod client;
 mod ecs_agent;
+mod grpc;
 mod mint;
 mod pattern;
 mod serve;
@@ -34,14 +37,16 @@ mod serve;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose [--reply-bytes N]
+  mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose|flaky|slow [--reply-bytes N] [--fail-percent P] [--delay-ms D]
   mesh-testkit client --connect ADDR --mode halfclose|echo|concurrent|hold|load
                       [--send-bytes N] [--expect-bytes M] [--connections C] [--seconds S]
                       [--stop-file PATH] [--workers W] [--long-lived L] [--interval-ms I]
                       [--timeout SECS]
   mesh-testkit mint   --issuer ISSUER_PEM | --new-ca true  --spiffe-id ID
                       [--validity current|expired] --dir DIR [--stem NAME]
-  mesh-testkit ecs-agent --listen ADDR --state FILE";
+  mesh-testkit ecs-agent --listen ADDR --state FILE
+  mesh-testkit grpc-serve --listen ADDR
+  mesh-testkit grpc-call --connect ADDR --path /pkg.Svc/Method --authority HOST [--timeout SECS]";
 
 fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
@@ -52,12 +57,17 @@ fn main() -> ExitCode {
         (Some("client"), Ok(args)) => client::Options::from_args(&args).map(client::run),
         (Some("mint"), Ok(args)) => mint::Options::from_args(&args).map(mint::run),
         (Some("ecs-agent"), Ok(args)) => ecs_agent::Options::from_args(&args).map(ecs_agent::run),
+        (Some("grpc-serve"), Ok(args)) => grpc::ServeOptions::from_args(&args).map(grpc::serve),
+        (Some("grpc-call"), Ok(args)) => grpc::CallOptions::from_args(&args).map(grpc::call),
         (Some("-h" | "--help"), _) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }
         (_, Err(e)) => Err(e),
-        _ => Err("expected a subcommand: serve, client, mint or ecs-agent".to_string()),
+        _ => Err(
+            "expected a subcommand: serve, client, mint, ecs-agent, grpc-serve or grpc-call"
+                .to_string(),
+        ),
     };
     match outcome {
         Ok(Ok(())) => ExitCode::SUCCESS,

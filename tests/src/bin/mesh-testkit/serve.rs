@@ -1,8 +1,18 @@
 //! `serve`: accept connections forever, one thread each.
+//!
+//! HTTP modes answer one request per connection (`Connection: close`). `flaky` answers 503 to
+//! `--fail-percent` percent of the requests, deterministically (50: every second request, the
+//! 2nd, 4th...; 100: all), and 200 `peer=...` to the others; a request for `/count` is not
+//! counted and is answered 200 with the number of other requests received so far. `slow`
+//! waits `--delay-ms` before answering like `http`, except requests whose path starts with
+//! `/fast`, answered at once.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -20,6 +30,11 @@ enum Mode {
     Echo,
     /// Read to EOF, then send the SHA-256 of what was read and `reply_bytes` pattern bytes.
     HalfClose { reply_bytes: u64 },
+    /// HTTP: 503 to `fail_percent`% of the requests (deterministic), `/count` reports how many
+    /// requests (other than `/count`) arrived.
+    Flaky { fail_percent: u64 },
+    /// HTTP: like `Http` after `delay`, except paths starting with `/fast`.
+    Slow { delay: Duration },
 }
 
 pub struct Options {
@@ -29,8 +44,10 @@ pub struct Options {
 
 impl Options {
     pub fn from_args(args: &Args) -> Result<Self, String> {
-        args.only(&["listen", "mode", "reply-bytes"])?;
+        args.only(&["listen", "mode", "reply-bytes", "fail-percent", "delay-ms"])?;
         let reply_bytes = args.optional::<u64>("reply-bytes")?;
+        let fail_percent = args.optional::<u64>("fail-percent")?;
+        let delay_ms = args.optional::<u64>("delay-ms")?;
         let mode = match args.required::<String>("mode")?.as_str() {
             "http" => Mode::Http,
             "httpecho" => Mode::HttpEcho,
@@ -38,8 +55,24 @@ impl Options {
             "halfclose" => Mode::HalfClose {
                 reply_bytes: reply_bytes.unwrap_or(0),
             },
+            "flaky" => {
+                let fail_percent = fail_percent.ok_or("--mode flaky needs --fail-percent")?;
+                if fail_percent > 100 {
+                    return Err("--fail-percent is 0 to 100".into());
+                }
+                Mode::Flaky { fail_percent }
+            }
+            "slow" => Mode::Slow {
+                delay: Duration::from_millis(delay_ms.ok_or("--mode slow needs --delay-ms")?),
+            },
             other => return Err(format!("unknown serve mode {other:?}")),
         };
+        if fail_percent.is_some() && !matches!(mode, Mode::Flaky { .. }) {
+            return Err("--fail-percent only applies to --mode flaky".into());
+        }
+        if delay_ms.is_some() && !matches!(mode, Mode::Slow { .. }) {
+            return Err("--delay-ms only applies to --mode slow".into());
+        }
         if reply_bytes.is_some() && !matches!(mode, Mode::HalfClose { .. }) {
             return Err("--reply-bytes only applies to --mode halfclose".into());
         }
@@ -57,6 +90,7 @@ pub fn run(opts: Options) -> Result<()> {
     // socket is listening, and flush: stdout is a pipe, hence block-buffered.
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
+    let counter = Arc::new(AtomicU64::new(0));
     for conn in listener.incoming() {
         let stream = match conn {
             Ok(s) => s,
@@ -66,12 +100,13 @@ pub fn run(opts: Options) -> Result<()> {
             }
         };
         let mode = opts.mode;
+        let counter = counter.clone();
         thread::spawn(move || {
             let peer = stream
                 .peer_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            if let Err(e) = handle(stream, mode) {
+            if let Err(e) = handle(stream, mode, &counter) {
                 eprintln!("connection from {peer}: {e:#}");
             }
         });
@@ -79,17 +114,19 @@ pub fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
-fn handle(stream: TcpStream, mode: Mode) -> Result<()> {
+fn handle(stream: TcpStream, mode: Mode, counter: &AtomicU64) -> Result<()> {
     match mode {
         Mode::Http => http(stream, false),
         Mode::HttpEcho => http(stream, true),
+        Mode::Flaky { fail_percent } => flaky(stream, fail_percent, counter),
+        Mode::Slow { delay } => slow(stream, delay),
         Mode::Echo => echo(stream),
         Mode::HalfClose { reply_bytes } => half_close(stream, reply_bytes),
     }
 }
 
-fn http(mut stream: TcpStream, echo_request: bool) -> Result<()> {
-    // Read the request head (or whatever arrives before EOF); its content does not matter.
+/// Reads the request head (or whatever arrives before EOF).
+fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>> {
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
@@ -99,6 +136,55 @@ fn http(mut stream: TcpStream, echo_request: bool) -> Result<()> {
         }
         head.extend_from_slice(&buf[..n]);
     }
+    Ok(head)
+}
+
+/// The path of the request line (`GET /x HTTP/1.1`), empty if there is none.
+fn request_path(head: &[u8]) -> String {
+    let head = String::from_utf8_lossy(head);
+    let line = head.lines().next().unwrap_or_default();
+    line.split(' ').nth(1).unwrap_or_default().to_owned()
+}
+
+fn respond(stream: &mut TcpStream, status: &str, body: &str) -> Result<()> {
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())?;
+    stream.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn flaky(mut stream: TcpStream, fail_percent: u64, counter: &AtomicU64) -> Result<()> {
+    let head = read_head(&mut stream)?;
+    if request_path(&head) == "/count" {
+        let n = counter.load(Ordering::SeqCst);
+        return respond(&mut stream, "200 OK", &format!("count={n}\n"));
+    }
+    // Request number i (0-based) fails when floor((i + 1) p / 100) > floor(i p / 100): exactly
+    // p of every 100 consecutive requests, spread evenly (50: the 2nd, 4th, ...).
+    let i = counter.fetch_add(1, Ordering::SeqCst);
+    if (i + 1) * fail_percent / 100 > i * fail_percent / 100 {
+        respond(&mut stream, "503 Service Unavailable", "flaky failure\n")
+    } else {
+        let body = format!("peer={}\n", stream.peer_addr()?);
+        respond(&mut stream, "200 OK", &body)
+    }
+}
+
+fn slow(mut stream: TcpStream, delay: Duration) -> Result<()> {
+    let head = read_head(&mut stream)?;
+    if !request_path(&head).starts_with("/fast") {
+        thread::sleep(delay);
+    }
+    let body = format!("peer={}\n", stream.peer_addr()?);
+    respond(&mut stream, "200 OK", &body)
+}
+
+fn http(mut stream: TcpStream, echo_request: bool) -> Result<()> {
+    // Read the request head (or whatever arrives before EOF); its content does not matter.
+    let head = read_head(&mut stream)?;
     let mut body = format!("peer={}\n", stream.peer_addr()?);
     if echo_request {
         let head = String::from_utf8_lossy(&head);
