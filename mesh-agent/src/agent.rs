@@ -158,6 +158,9 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let mut trust_watch = FileWatch::many(&trust_files, state.config.agent.watch_interval);
     let mut expiry_check = tokio::time::interval(EXPIRY_CHECK);
     expiry_check.tick().await;
+    let series_idle = state.config.agent.metrics_idle_expiry;
+    let mut series_sweep = tokio::time::interval((series_idle / 4).max(Duration::from_secs(1)));
+    series_sweep.tick().await;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { info!("SIGTERM: draining"); break; }
@@ -205,6 +208,12 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                 info!("trust material changed on disk: reloading");
                 c.reload();
             },
+            _ = series_sweep.tick() => {
+                let removed = metrics.expire_idle_series(series_idle);
+                if removed > 0 {
+                    debug!(removed, "idle per-hop metric series removed");
+                }
+            }
             _ = expiry_check.tick() => {
                 if let Some(c) = &certs {
                     c.warn_expiring();

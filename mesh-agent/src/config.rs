@@ -88,6 +88,9 @@ pub struct AgentSettings {
     /// A pooled tunnel connection with no open stream is closed after this long.
     #[serde(with = "humantime_serde")]
     pub tunnel_idle_timeout: Duration,
+    /// Per-hop series (`istio_*`) unused this long, with no open connection, are removed.
+    #[serde(with = "humantime_serde")]
+    pub metrics_idle_expiry: Duration,
 }
 
 impl Default for AgentSettings {
@@ -101,6 +104,7 @@ impl Default for AgentSettings {
             watch_interval: Duration::from_secs(2),
             tunnel_port: 15008,
             tunnel_idle_timeout: Duration::from_secs(120),
+            metrics_idle_expiry: Duration::from_secs(600),
         }
     }
 }

@@ -148,7 +148,6 @@ pub struct WorkloadCertLabels {
 }
 
 /// Counters of one proxied connection, from its reporter's point of view.
-#[derive(Clone)]
 pub struct TcpMetrics {
     pub opened: Counter,
     pub closed: Counter,
@@ -156,11 +155,67 @@ pub struct TcpMetrics {
     pub received_bytes: Counter,
     /// Bytes from the destination back to the source (Istio: sent during the response).
     pub sent_bytes: Counter,
+    /// Keeps the series from expiring while the connection is open.
+    _lease: SeriesLease<TcpLabels>,
+}
+
+/// When each label set of a per-hop family was last used and how many open connections
+/// still hold it. Series idle for longer than the expiry with nothing open are removed
+/// (`Metrics::expire_idle_series`), so workload churn cannot grow /metrics without bound.
+struct SeriesUse<L>(Mutex<HashMap<L, Use>>);
+
+struct Use {
+    last: std::time::Instant,
+    open: usize,
+}
+
+impl<L: Clone + Eq + std::hash::Hash> SeriesUse<L> {
+    fn new() -> Arc<Self> {
+        Arc::new(SeriesUse(Mutex::new(HashMap::new())))
+    }
+
+    fn touch(&self, labels: &L, open_delta: isize) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let u = map.entry(labels.clone()).or_insert(Use {
+            last: std::time::Instant::now(),
+            open: 0,
+        });
+        u.last = std::time::Instant::now();
+        u.open = u.open.saturating_add_signed(open_delta);
+    }
+
+    /// Removes and returns the label sets idle for longer than `idle` with nothing open.
+    fn take_idle(&self, idle: std::time::Duration) -> Vec<L> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<L> = map
+            .iter()
+            .filter(|(_, u)| u.open == 0 && u.last.elapsed() >= idle)
+            .map(|(l, _)| l.clone())
+            .collect();
+        for l in &stale {
+            map.remove(l);
+        }
+        stale
+    }
+}
+
+/// One open connection's hold on its series.
+struct SeriesLease<L: Clone + Eq + std::hash::Hash> {
+    uses: Arc<SeriesUse<L>>,
+    labels: L,
+}
+
+impl<L: Clone + Eq + std::hash::Hash> Drop for SeriesLease<L> {
+    fn drop(&mut self) {
+        self.uses.touch(&self.labels, -1);
+    }
 }
 
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    request_uses: Arc<SeriesUse<RequestLabels>>,
+    tcp_uses: Arc<SeriesUse<TcpLabels>>,
     request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
@@ -241,6 +296,8 @@ impl Metrics {
             reloads: Family::default(),
             registry: Registry::default(),
             requests: Family::default(),
+            request_uses: SeriesUse::new(),
+            tcp_uses: SeriesUse::new(),
             request_duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::new_with_constructor(bytes_histogram),
             response_bytes: Family::new_with_constructor(bytes_histogram),
@@ -510,6 +567,7 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
+        self.request_uses.touch(labels, 0);
         self.requests.get_or_create(labels).inc();
         self.request_duration
             .get_or_create(labels)
@@ -522,9 +580,33 @@ impl Metrics {
             .observe(response_bytes as f64);
     }
 
+    /// Removes per-hop series (`istio_*`) not used for `idle` and held by no open connection.
+    pub fn expire_idle_series(&self, idle: std::time::Duration) -> usize {
+        let tcp = self.tcp_uses.take_idle(idle);
+        for l in &tcp {
+            self.tcp_opened.remove(l);
+            self.tcp_closed.remove(l);
+            self.tcp_received.remove(l);
+            self.tcp_sent.remove(l);
+        }
+        let requests = self.request_uses.take_idle(idle);
+        for l in &requests {
+            self.requests.remove(l);
+            self.request_duration.remove(l);
+            self.request_bytes.remove(l);
+            self.response_bytes.remove(l);
+        }
+        tcp.len() + requests.len()
+    }
+
     /// Counter handles for one connection's label set.
     pub fn tcp(&self, labels: &TcpLabels) -> TcpMetrics {
+        self.tcp_uses.touch(labels, 1);
         TcpMetrics {
+            _lease: SeriesLease {
+                uses: self.tcp_uses.clone(),
+                labels: labels.clone(),
+            },
             opened: self.tcp_opened.get_or_create(labels).clone(),
             closed: self.tcp_closed.get_or_create(labels).clone(),
             received_bytes: self.tcp_received.get_or_create(labels).clone(),
@@ -680,6 +762,39 @@ fn bytes_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
         1.0, 10.0, 9,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(dst: &str) -> TcpLabels {
+        TcpLabels {
+            reporter: "source",
+            source_workload: "a".into(),
+            source_principal: "spiffe://td/a".into(),
+            destination_workload: dst.into(),
+            destination_principal: "spiffe://td/b".into(),
+            connection_security_policy: "mutual_tls",
+        }
+    }
+
+    /// An idle series goes; one held by an open connection stays until the connection ends
+    /// and the series has been idle again.
+    #[test]
+    fn idle_series_expire_but_open_connections_keep_theirs() {
+        let uses = SeriesUse::<TcpLabels>::new();
+        uses.touch(&labels("gone"), 0);
+        uses.touch(&labels("open"), 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let idle = std::time::Duration::from_millis(10);
+        assert_eq!(uses.take_idle(idle), vec![labels("gone")]);
+        assert!(uses.take_idle(idle).is_empty(), "the open one stays");
+        uses.touch(&labels("open"), -1);
+        assert!(uses.take_idle(idle).is_empty(), "just closed: not idle yet");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(uses.take_idle(idle), vec![labels("open")]);
+    }
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {

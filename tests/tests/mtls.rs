@@ -1356,3 +1356,40 @@ fn pooled_connection_is_replaced_after_the_peer_agent_restarts() {
         Ok(())
     })
 }
+
+/// Per-hop series of workload pairs that stopped talking are removed after
+/// `agent.metrics_idle_expiry`, so churn cannot grow /metrics without bound.
+#[test]
+fn idle_per_hop_series_expire() {
+    with_mesh(TrustInit::default(), |m| {
+        let server = m.kit.serve(&m.b, addr(m.b.ip(), 8080), ServeMode::Http)?;
+        let agent1 = Agent::start(
+            &m.n1,
+            &m.node1().agent("metrics_idle_expiry", "\"1s\"").render(),
+        )?;
+        let _agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let url = format!("http://{}/", server.addr());
+        curl_ok(&m.a, &url, &[])?;
+        let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
+        let hop = mtls_labels("source", &id_a, &id_b);
+        // Control: the series exists after the connection.
+        agent1.wait_metric(TCP_OPENED, &hop, METRIC_LAG, |v| v == 1.0)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = agent1.metrics()?;
+            if !text.contains("istio_tcp_connections_opened_total{") {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the idle series is still there after 10 s:\n{}",
+                text.lines()
+                    .filter(|l| l.starts_with("istio_tcp"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    })
+}
