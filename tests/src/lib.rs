@@ -31,6 +31,7 @@ pub mod netns;
 pub mod pcap;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 mod sweep;
 pub mod testkit;
 pub mod tls;

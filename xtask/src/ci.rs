@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 /// What the integration tests use from the host: ip/bridge (iproute2), bpftool, curl,
 /// nsenter/unshare (util-linux), tcpdump (proving the tunnel carries no clear text), openssl
 /// (independent TLS probes of the tunnel listener) and dnsmasq (a real DNS server for discovery;
-/// `dnsmasq-base` is the binary without the system service that would take port 53).
+/// `dnsmasq-base` is the binary without the system service that would take port 53) and
+/// prometheus (scrapes the agents and evaluates the documented PromQL and the dashboard's queries).
 const SYSTEM_PACKAGES: &[&str] = &[
     "iproute2",
     "bpftool",
@@ -20,6 +21,7 @@ const SYSTEM_PACKAGES: &[&str] = &[
     "tcpdump",
     "openssl",
     "dnsmasq-base",
+    "prometheus",
 ];
 const STEPS: usize = 7;
 

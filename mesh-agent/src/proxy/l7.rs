@@ -71,6 +71,28 @@ pub async fn serve(
             });
             let pool = ctx.l7_pool(connector);
             let budget = ctx.mesh.retry_budget(&vs);
+            // The application's connection, as a hop to the virtual service: its requests go to
+            // several workloads (counted per request in istio_requests_*), its bytes are here.
+            let tcp = ctx.mesh.metrics.tcp(&TcpLabels {
+                reporter: "source",
+                source_workload: ctx.task_id.to_string(),
+                source_principal: slot
+                    .as_ref()
+                    .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string()),
+                destination_workload: vs.to_string(),
+                destination_principal: UNKNOWN.to_owned(),
+                connection_security_policy: if ctx.mesh.certs.is_some() {
+                    "mutual_tls"
+                } else {
+                    "none"
+                },
+            });
+            tcp.opened.inc();
+            let client = Counted {
+                inner: client,
+                read: [tcp.received_bytes.clone(), ctx.metrics.sent_bytes.clone()],
+                written: [tcp.sent_bytes.clone(), ctx.metrics.received_bytes.clone()],
+            };
             ctx.metrics.opened.inc();
             ctx.metrics.active.inc();
             let options = http::ServeOptions {
@@ -88,6 +110,7 @@ pub async fn serve(
             .await;
             ctx.metrics.active.dec();
             ctx.metrics.closed.inc();
+            tcp.closed.inc();
             if let Err(e) = served {
                 debug!(task = %ctx.task_id, virtual_service = %vs, error = %e, "HTTP connection ended with an error");
             }
@@ -366,6 +389,55 @@ impl http::Connector for MeshConnector {
 
     fn connect(&self, target: &Target) -> impl Future<Output = io::Result<UpstreamIo>> + Send {
         self.open(target)
+    }
+}
+
+/// The application's side of an HTTP connection, counting bytes each way as they flow.
+struct Counted<S> {
+    inner: S,
+    read: [prometheus_client::metrics::counter::Counter; 2],
+    written: [prometheus_client::metrics::counter::Counter; 2],
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            for c in &self.read {
+                c.inc_by(n);
+            }
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            for c in &self.written {
+                c.inc_by(*n as u64);
+            }
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
