@@ -155,8 +155,19 @@ pub struct TcpMetrics {
     pub received_bytes: Counter,
     /// Bytes from the destination back to the source (Istio: sent during the response).
     pub sent_bytes: Counter,
+    duration: Histogram,
+    started: std::time::Instant,
     /// Keeps the series from expiring while the connection is open.
     _lease: SeriesLease<TcpLabels>,
+}
+
+impl TcpMetrics {
+    /// The connection has closed: counted, and its lifetime observed.
+    pub fn finish(&self) {
+        self.closed.inc();
+        self.duration
+            .observe(self.started.elapsed().as_secs_f64() * 1000.0);
+    }
 }
 
 /// When each label set of a per-hop family was last used and how many open connections
@@ -220,6 +231,7 @@ pub struct Metrics {
     request_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     response_bytes: Family<RequestLabels, Histogram, fn() -> Histogram>,
     tcp_opened: Family<TcpLabels, Counter>,
+    tcp_duration: Family<TcpLabels, Histogram, fn() -> Histogram>,
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
@@ -302,6 +314,7 @@ impl Metrics {
             request_bytes: Family::new_with_constructor(bytes_histogram),
             response_bytes: Family::new_with_constructor(bytes_histogram),
             tcp_opened: Family::default(),
+            tcp_duration: Family::new_with_constructor(duration_histogram),
             tcp_closed: Family::default(),
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
@@ -397,6 +410,11 @@ impl Metrics {
             "istio_tcp_connections_opened",
             "TCP connections opened, by reporter, source and destination workload and principal",
             m.tcp_opened.clone(),
+        );
+        reg.register(
+            "mesh_tcp_connection_duration_milliseconds",
+            "Lifetime of closed TCP connections, same labels as istio_tcp_connections_opened",
+            m.tcp_duration.clone(),
         );
         reg.register(
             "istio_tcp_connections_closed",
@@ -588,6 +606,7 @@ impl Metrics {
             self.tcp_closed.remove(l);
             self.tcp_received.remove(l);
             self.tcp_sent.remove(l);
+            self.tcp_duration.remove(l);
         }
         let requests = self.request_uses.take_idle(idle);
         for l in &requests {
@@ -611,6 +630,8 @@ impl Metrics {
             closed: self.tcp_closed.get_or_create(labels).clone(),
             received_bytes: self.tcp_received.get_or_create(labels).clone(),
             sent_bytes: self.tcp_sent.get_or_create(labels).clone(),
+            duration: self.tcp_duration.get_or_create(labels).clone(),
+            started: std::time::Instant::now(),
         }
     }
 

@@ -1372,8 +1372,14 @@ fn idle_per_hop_series_expire() {
         curl_ok(&m.a, &url, &[])?;
         let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
         let hop = mtls_labels("source", &id_a, &id_b);
-        // Control: the series exists after the connection.
+        // Control: the series exists after the connection, with its lifetime observed.
         agent1.wait_metric(TCP_OPENED, &hop, METRIC_LAG, |v| v == 1.0)?;
+        agent1.wait_metric(
+            "mesh_tcp_connection_duration_milliseconds_count",
+            &hop,
+            METRIC_LAG,
+            |v| v == 1.0,
+        )?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = agent1.metrics()?;

@@ -110,7 +110,7 @@ pub async fn serve(
             .await;
             ctx.metrics.active.dec();
             ctx.metrics.closed.inc();
-            tcp.closed.inc();
+            tcp.finish();
             if let Err(e) = served {
                 debug!(task = %ctx.task_id, virtual_service = %vs, error = %e, "HTTP connection ended with an error");
             }
@@ -172,7 +172,7 @@ async fn serve_tcp(
     }
     ctx.metrics.active.dec();
     ctx.metrics.closed.inc();
-    tcp.closed.inc();
+    tcp.finish();
 }
 
 /// An endpoint of `node` for `port`: a DNS service's endpoint (healthy ones first), a static

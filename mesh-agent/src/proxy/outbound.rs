@@ -222,9 +222,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
     }
     m.active.dec();
     m.closed.inc();
-    tcp.closed.inc();
+    tcp.finish();
     if let Some(d) = &peer_side {
-        d.closed.inc();
+        d.finish();
     }
 }
 

@@ -278,7 +278,7 @@ async fn open_stream(
         if let Err(e) = splice(tunnel, upstream, &up, &down).await {
             debug!(task = %task_id, %target, error = %e, "tunnel stream ended with an error");
         }
-        tcp.closed.inc();
+        tcp.finish();
     });
     status(StatusCode::OK)
 }
