@@ -37,6 +37,13 @@ pub struct LocalWorkload {
     pub identity: Option<SpiffeId>,
 }
 
+impl LocalWorkload {
+    /// The `*_workload` label: the task's family when it has one, else its id.
+    pub fn workload(&self) -> &str {
+        self.family.as_deref().unwrap_or(&self.task)
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct RemoteWorkload {
     /// `destination_workload` in metrics.
@@ -94,9 +101,8 @@ impl Destinations {
                 _ => None,
             };
             if let Some(id) = &identity {
-                workloads
-                    .entry(id.clone())
-                    .or_insert_with(|| task_id.clone());
+                let workload: Arc<str> = task.family.as_deref().unwrap_or(&task.id).into();
+                workloads.entry(id.clone()).or_insert(workload);
             }
             let local = Arc::new(LocalWorkload {
                 task: task_id,

@@ -317,6 +317,7 @@ impl TaskManager {
         let (identity, identity_rx) = watch::channel(Identity::Pending);
         let ctx = Arc::new(OutboundContext {
             task_id: task_id.clone(),
+            workload: spec.family.as_deref().unwrap_or(&spec.id).into(),
             identity: identity_rx,
             attestation_timeout: self.attestation_timeout,
             l7_pool: Default::default(),

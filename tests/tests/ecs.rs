@@ -218,13 +218,16 @@ fn hop_labels<'a>(
 
 /// Waits until the same-node hop `from` -> `to` has been reported `n` times by both
 /// reporters, as mutual TLS with both principals and workloads.
+///
+/// `from` and `to` are (agent task id, family); every task's role is named after its family
+/// here, and the `*_workload` labels of discovered tasks are their families.
 fn wait_mtls_hop(agent: &Agent, from: (&str, &str), to: (&str, &str), n: f64) -> Result<()> {
     let (from_principal, to_principal) = (spiffe_id(from.1), spiffe_id(to.1));
     for reporter in ["source", "destination"] {
         let labels = hop_labels(
             reporter,
-            (from.0, &from_principal),
-            (to.0, &to_principal),
+            (from.1, &from_principal),
+            (to.1, &to_principal),
             "mutual_tls",
         );
         agent.wait_metric(TCP_OPENED, &labels, METRIC_LAG, |v| v == n)?;
@@ -784,7 +787,7 @@ fn roles_are_attested_with_retries_and_a_task_without_role_has_no_identity() {
         agent.wait_metric(ATTESTATIONS, &[("result", "no_role")], SHORT, |v| v == 1.0)?;
         let unmeshed = curl_ok(&n, &plain_url)?;
         println!("{id_n} -> plain: {}", unmeshed.describe());
-        let plain_hop = hop_labels("source", (&id_n, UNKNOWN), (UNKNOWN, UNKNOWN), "none");
+        let plain_hop = hop_labels("source", ("n", UNKNOWN), (UNKNOWN, UNKNOWN), "none");
         agent.wait_metric(TCP_OPENED, &plain_hop, METRIC_LAG, |v| v == 1.0)?;
         agent.wait_metric(CAPTURED, &[("task", &id_n)], METRIC_LAG, |v| v == 1.0)?;
         let refused = curl(n.command("curl")?, &url(&b), &[])?;
@@ -806,7 +809,7 @@ fn roles_are_attested_with_retries_and_a_task_without_role_has_no_identity() {
         )?;
         let to_b = agent.metric_sum(
             TCP_OPENED,
-            &[("source_workload", &id_n), ("destination_workload", &id_b)],
+            &[("source_workload", "n"), ("destination_workload", "b")],
         )?;
         ensure!(
             to_b == 0.0,
@@ -998,14 +1001,14 @@ fn policies_select_discovered_tasks_by_family() {
             "c reached family b although the policy allows only a: {}",
             denied.describe()
         );
-        let id_b = b.agent_task_id();
         let c_principal = spiffe_id("c");
         agent.wait_metric(
             "mesh_policy_denials_total",
             &[
                 ("reporter", "destination"),
                 ("source_principal", c_principal.as_str()),
-                ("destination_workload", id_b.as_str()),
+                // Discovered tasks are labelled by family.
+                ("destination_workload", "b"),
             ],
             METRIC_LAG,
             |v| v == 1.0,

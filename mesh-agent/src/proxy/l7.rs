@@ -63,7 +63,7 @@ pub async fn serve(
             });
             let observer = Arc::new(Observer {
                 mesh: ctx.mesh.clone(),
-                source_workload: ctx.task_id.clone(),
+                source_workload: ctx.workload.clone(),
                 source_principal: slot
                     .as_ref()
                     .map_or_else(|| UNKNOWN.into(), |s| s.id().to_string().into()),
@@ -75,7 +75,7 @@ pub async fn serve(
             // several workloads (counted per request in istio_requests_*), its bytes are here.
             let tcp = ctx.mesh.metrics.tcp(&TcpLabels {
                 reporter: "source",
-                source_workload: ctx.task_id.to_string(),
+                source_workload: ctx.workload.to_string(),
                 source_principal: slot
                     .as_ref()
                     .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string()),
@@ -150,7 +150,7 @@ async fn serve_tcp(
     };
     let labels = TcpLabels {
         reporter: "source",
-        source_workload: ctx.task_id.to_string(),
+        source_workload: ctx.workload.to_string(),
         source_principal: slot
             .as_ref()
             .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string()),

@@ -25,6 +25,8 @@ use crate::tunnel::{Pool, Source, TunnelError, TunnelStream};
 /// Everything the outbound path of one task needs.
 pub struct OutboundContext {
     pub task_id: Arc<str>,
+    /// The `source_workload` label: the task's family when it has one, else its id.
+    pub workload: Arc<str>,
     /// The task's workload identity, which a discovered task may still be waiting for.
     pub identity: watch::Receiver<Identity>,
     /// How long a meshed connection waits for a pending identity.
@@ -98,7 +100,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
         .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string());
     let mut labels = TcpLabels {
         reporter: "source",
-        source_workload: ctx.task_id.to_string(),
+        source_workload: ctx.workload.to_string(),
         source_principal,
         destination_workload: UNKNOWN.to_owned(),
         destination_principal: UNKNOWN.to_owned(),
@@ -121,7 +123,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
         },
         Target::Local(local) if ctx.mesh.certs.is_none() => {
             // Capture only (no [identity]): another task of the node, carried as plain TCP.
-            labels.destination_workload = local.task.to_string();
+            labels.destination_workload = local.workload().to_owned();
             match connect(ctx, dst).await {
                 Ok(s) => Upstream::Direct(s),
                 Err(failure) => return refuse_unreachable(ctx, client, dst, failure),
@@ -131,7 +133,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
             let Some(slot) = &slot else {
                 return refuse_without_identity(ctx, client, dst);
             };
-            labels.destination_workload = local.task.to_string();
+            labels.destination_workload = local.workload().to_owned();
             labels.destination_principal = local
                 .identity
                 .as_ref()
@@ -148,9 +150,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
                 info!(source = %labels.source_principal, source_role = %role_of(slot.id()), destination = %local.task, %dst, by_default, "connection denied by authorization policy");
                 // Both ends are this node's: count it as both agents would.
                 for reporter in ["source", "destination"] {
-                    ctx.mesh
-                        .metrics
-                        .policy_denial(reporter, &labels.source_principal, &local.task);
+                    ctx.mesh.metrics.policy_denial(
+                        reporter,
+                        &labels.source_principal,
+                        local.workload(),
+                    );
                 }
                 m.connect_error(ConnectErrorReason::denied);
                 reset(client);

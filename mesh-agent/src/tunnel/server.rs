@@ -70,6 +70,13 @@ impl Scope {
     }
 }
 
+impl Delivery {
+    /// The `*_workload` label: the task's family when it has one, else its id.
+    fn workload(&self) -> &str {
+        self.family.as_deref().unwrap_or(&self.task_id)
+    }
+}
+
 /// Where one stream goes, once checked.
 struct Delivery {
     task_id: Arc<str>,
@@ -241,7 +248,7 @@ async fn open_stream(
             "connection denied by authorization policy"
         );
         mesh.metrics
-            .policy_denial("destination", &source_principal, &delivery.task_id);
+            .policy_denial("destination", &source_principal, delivery.workload());
         return status(StatusCode::FORBIDDEN);
     }
     let upstream = match connect(&delivery.netns, delivery.connect_to, ctx.connect_timeout).await {
@@ -258,7 +265,7 @@ async fn open_stream(
             .workload_of(source)
             .map_or_else(|| UNKNOWN.to_owned(), |w| w.to_string()),
         source_principal,
-        destination_workload: delivery.task_id.to_string(),
+        destination_workload: delivery.workload().to_owned(),
         destination_principal: delivery.slot.id().to_string(),
         connection_security_policy: "mutual_tls",
     };
