@@ -542,6 +542,9 @@ pub struct TaskSpec {
     /// The task's family (ECS task definition family), which `[[policies]] family` matches.
     #[serde(default)]
     pub family: Option<String>,
+    /// The task definition revision: the `*_version` metric labels.
+    #[serde(default)]
+    pub version: Option<String>,
     /// Ports the task publishes on the node (bridge mode), `"<host port>:<container port>"`:
     /// peers reach it at `<node ip>:<host port>` through the node's tunnel listener.
     #[serde(default)]
@@ -562,6 +565,7 @@ impl TaskSpec {
             && self.addresses == other.addresses
             && self.host_ports == other.host_ports
             && self.family == other.family
+            && self.version == other.version
     }
 }
 

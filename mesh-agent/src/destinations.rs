@@ -33,6 +33,7 @@ pub enum Target {
 pub struct LocalWorkload {
     pub task: Arc<str>,
     pub family: Option<Arc<str>>,
+    pub version: Option<Arc<str>>,
     /// `None` for a task without a role.
     pub identity: Option<SpiffeId>,
 }
@@ -107,6 +108,7 @@ impl Destinations {
             let local = Arc::new(LocalWorkload {
                 task: task_id,
                 family: task.family.as_deref().map(Arc::from),
+                version: task.version.as_deref().map(Arc::from),
                 identity,
             });
             for ip in &task.addresses {

@@ -90,8 +90,11 @@ pub struct TcpLabels {
     /// `source` on the client's agent, `destination` on the server's.
     pub reporter: &'static str,
     pub source_workload: String,
+    /// The task definition revision (ECS), `unknown` otherwise.
+    pub source_version: String,
     pub source_principal: String,
     pub destination_workload: String,
+    pub destination_version: String,
     pub destination_principal: String,
     /// `mutual_tls` when carried by the tunnel (or between two meshed tasks of one node),
     /// `none` for plain TCP.
@@ -103,8 +106,10 @@ pub struct TcpLabels {
 pub struct RequestLabels {
     pub reporter: &'static str,
     pub source_workload: String,
+    pub source_version: String,
     pub source_principal: String,
     pub destination_workload: String,
+    pub destination_version: String,
     pub destination_principal: String,
     pub destination_service: String,
     pub request_protocol: &'static str,
@@ -793,7 +798,9 @@ mod tests {
         TcpLabels {
             reporter: "source",
             source_workload: "a".into(),
+            source_version: UNKNOWN.into(),
             source_principal: "spiffe://td/a".into(),
+            destination_version: UNKNOWN.into(),
             destination_workload: dst.into(),
             destination_principal: "spiffe://td/b".into(),
             connection_security_policy: "mutual_tls",

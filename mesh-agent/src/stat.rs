@@ -575,8 +575,10 @@ spaced{ a = "1" } -Inf
         let labels = crate::metrics::RequestLabels {
             reporter: "source",
             source_workload: "a".into(),
+            source_version: "7".into(),
             source_principal: "spiffe://td/a".into(),
             destination_workload: "b".into(),
+            destination_version: "unknown".into(),
             destination_principal: "spiffe://td/b".into(),
             destination_service: "b.local".into(),
             request_protocol: "http",
@@ -628,7 +630,8 @@ spaced{ a = "1" } -Inf
         );
         assert_eq!(samples[0].label("source_principal"), Some("spiffe://td/a"));
         assert_eq!(samples[0].label("grpc_response_status"), Some(""));
-        assert_eq!(samples[0].labels.len(), 11);
+        assert_eq!(samples[0].labels.len(), 13);
+        assert_eq!(samples[0].label("source_version"), Some("7"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::capture::{Attachment, Capture};
 use crate::certs::WorkloadSlot;
 use crate::config::{AgentSettings, TaskSpec};
 use crate::identity::RoleArn;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UNKNOWN};
 use crate::netns::{NetnsWorker, netns_cookie};
 use crate::proxy::{ConnectionSet, Mesh, OutboundContext, serve_outbound};
 use crate::tunnel::{InboundContext, Scope, serve_inbound};
@@ -222,6 +222,7 @@ impl TaskManager {
                 scope: Scope::Task {
                     task_id: spec.id.as_str().into(),
                     family: spec.family.as_deref().map(Arc::from),
+                    version: spec.version.as_deref().map(Arc::from),
                     slot: slot.clone(),
                     netns: task.netns.clone(),
                     addresses: spec.addresses.clone(),
@@ -247,9 +248,10 @@ impl TaskManager {
                     .map(|p| (p.host, p.container))
                     .collect();
                 let family: Option<Arc<str>> = spec.family.as_deref().map(Arc::from);
+                let version: Option<Arc<str>> = spec.version.as_deref().map(Arc::from);
                 mesh.host_ports.set_task(
                     &spec.id.as_str().into(),
-                    family.as_ref(),
+                    (family.as_ref(), version.as_ref()),
                     slot,
                     &task.netns,
                     &ports,
@@ -318,6 +320,7 @@ impl TaskManager {
         let ctx = Arc::new(OutboundContext {
             task_id: task_id.clone(),
             workload: spec.family.as_deref().unwrap_or(&spec.id).into(),
+            version: spec.version.as_deref().unwrap_or(UNKNOWN).into(),
             identity: identity_rx,
             attestation_timeout: self.attestation_timeout,
             l7_pool: Default::default(),

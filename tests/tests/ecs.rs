@@ -485,6 +485,19 @@ fn running_tasks_are_meshed_at_start_and_a_stopped_task_is_torn_down() {
         let first = curl_ok(&a, &url(&b))?;
         println!("{id_a} -> {id_b}: {}", first.describe());
         wait_mtls_hop(&agent, (&id_a, "a"), (&id_b, "b"), 1.0)?;
+        // Both ends are revision 1 of their task definitions: the `*_version` labels.
+        agent.wait_metric(
+            TCP_OPENED,
+            &[
+                ("reporter", "source"),
+                ("source_workload", "a"),
+                ("source_version", "1"),
+                ("destination_workload", "b"),
+                ("destination_version", "1"),
+            ],
+            METRIC_LAG,
+            |v| v == 1.0,
+        )?;
         agent.wait_metric(CAPTURED, &[("task", &id_a)], METRIC_LAG, |v| v == 1.0)?;
 
         // 3. A third task, meshed, then stopped. Controls first: what must go is there.

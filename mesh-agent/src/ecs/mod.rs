@@ -280,6 +280,7 @@ impl Source {
                 role_arn: role.map(|r| r.to_string()),
                 role_pending: pending,
                 family: Some(task.family.clone()),
+                version: (!task.version.is_empty()).then(|| task.version.clone()),
             });
         }
         self.roles.retain(|arn, _| live.contains(arn));

@@ -38,6 +38,8 @@ pub struct Task {
     pub known_status: String,
     #[serde(default)]
     pub family: String,
+    #[serde(default)]
+    pub version: String,
     #[serde(default, deserialize_with = "null_as_empty")]
     pub containers: Vec<Container>,
 }

@@ -64,6 +64,7 @@ pub async fn serve(
             let observer = Arc::new(Observer {
                 mesh: ctx.mesh.clone(),
                 source_workload: ctx.workload.clone(),
+                source_version: ctx.version.clone(),
                 source_principal: slot
                     .as_ref()
                     .map_or_else(|| UNKNOWN.into(), |s| s.id().to_string().into()),
@@ -76,6 +77,8 @@ pub async fn serve(
             let tcp = ctx.mesh.metrics.tcp(&TcpLabels {
                 reporter: "source",
                 source_workload: ctx.workload.to_string(),
+                source_version: ctx.version.to_string(),
+                destination_version: UNKNOWN.to_owned(),
                 source_principal: slot
                     .as_ref()
                     .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string()),
@@ -151,6 +154,8 @@ async fn serve_tcp(
     let labels = TcpLabels {
         reporter: "source",
         source_workload: ctx.workload.to_string(),
+        source_version: ctx.version.to_string(),
+        destination_version: destination_version(&ctx.mesh, target.addr),
         source_principal: slot
             .as_ref()
             .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string()),
@@ -214,6 +219,17 @@ fn destination_principal(mesh: &Mesh, addr: SocketAddr) -> String {
     }
 }
 
+/// The task definition revision of a local destination; a remote one's is not known here.
+fn destination_version(mesh: &Mesh, addr: SocketAddr) -> String {
+    match mesh.destinations().resolve(addr) {
+        Destination::Local(l) => l
+            .version
+            .as_deref()
+            .map_or_else(|| UNKNOWN.to_owned(), str::to_owned),
+        _ => UNKNOWN.to_owned(),
+    }
+}
+
 fn security_policy(mesh: &Mesh, addr: SocketAddr) -> &'static str {
     match mesh.destinations().resolve(addr) {
         Destination::Remote(_) | Destination::Local(_) if mesh.certs.is_some() => "mutual_tls",
@@ -271,25 +287,34 @@ impl http::Budget for RetryBudget {
 struct Observer {
     mesh: Arc<Mesh>,
     source_workload: Arc<str>,
+    source_version: Arc<str>,
     source_principal: Arc<str>,
     vs: Arc<str>,
 }
 
 impl http::RequestObserver for Observer {
     fn observe(&self, r: RequestRecord) {
-        let (workload, principal, policy) = match &r.target {
+        let (workload, version, principal, policy) = match &r.target {
             Some(t) => (
                 t.name.to_string(),
+                destination_version(&self.mesh, t.addr),
                 destination_principal(&self.mesh, t.addr),
                 security_policy(&self.mesh, t.addr),
             ),
-            None => (UNKNOWN.to_owned(), UNKNOWN.to_owned(), "none"),
+            None => (
+                UNKNOWN.to_owned(),
+                UNKNOWN.to_owned(),
+                UNKNOWN.to_owned(),
+                "none",
+            ),
         };
         let labels = RequestLabels {
             reporter: "source",
             source_workload: self.source_workload.to_string(),
+            source_version: self.source_version.to_string(),
             source_principal: self.source_principal.to_string(),
             destination_workload: workload,
+            destination_version: version,
             destination_principal: principal,
             destination_service: self.vs.to_string(),
             request_protocol: if r.grpc_status.is_some() {

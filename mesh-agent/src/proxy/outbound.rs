@@ -27,6 +27,8 @@ pub struct OutboundContext {
     pub task_id: Arc<str>,
     /// The `source_workload` label: the task's family when it has one, else its id.
     pub workload: Arc<str>,
+    /// The `source_version` label.
+    pub version: Arc<str>,
     /// The task's workload identity, which a discovered task may still be waiting for.
     pub identity: watch::Receiver<Identity>,
     /// How long a meshed connection waits for a pending identity.
@@ -101,7 +103,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
     let mut labels = TcpLabels {
         reporter: "source",
         source_workload: ctx.workload.to_string(),
+        source_version: ctx.version.to_string(),
         source_principal,
+        destination_version: UNKNOWN.to_owned(),
         destination_workload: UNKNOWN.to_owned(),
         destination_principal: UNKNOWN.to_owned(),
         connection_security_policy: "none",
@@ -134,6 +138,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
                 return refuse_without_identity(ctx, client, dst);
             };
             labels.destination_workload = local.workload().to_owned();
+            labels.destination_version = local
+                .version
+                .as_deref()
+                .map_or_else(|| UNKNOWN.to_owned(), str::to_owned);
             labels.destination_principal = local
                 .identity
                 .as_ref()

@@ -14,6 +14,7 @@ use crate::netns::NetnsWorker;
 pub struct HostPortOwner {
     pub task_id: Arc<str>,
     pub family: Option<Arc<str>>,
+    pub version: Option<Arc<str>>,
     pub slot: Arc<WorkloadSlot>,
     pub netns: Arc<NetnsWorker>,
     /// Where the task listens inside its own netns.
@@ -28,7 +29,7 @@ impl HostPorts {
     pub fn set_task(
         &self,
         task_id: &Arc<str>,
-        family: Option<&Arc<str>>,
+        (family, version): (Option<&Arc<str>>, Option<&Arc<str>>),
         slot: &Arc<WorkloadSlot>,
         netns: &Arc<NetnsWorker>,
         ports: &[(u16, u16)],
@@ -41,6 +42,7 @@ impl HostPorts {
                 Arc::new(HostPortOwner {
                     task_id: task_id.clone(),
                     family: family.cloned(),
+                    version: version.cloned(),
                     slot: slot.clone(),
                     netns: netns.clone(),
                     container_port: container,

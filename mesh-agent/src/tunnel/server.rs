@@ -50,6 +50,7 @@ pub enum Scope {
     Task {
         task_id: Arc<str>,
         family: Option<Arc<str>>,
+        version: Option<Arc<str>>,
         slot: Arc<WorkloadSlot>,
         netns: Arc<NetnsWorker>,
         /// The task's addresses: the only targets a stream may name.
@@ -81,6 +82,7 @@ impl Delivery {
 struct Delivery {
     task_id: Arc<str>,
     family: Option<Arc<str>>,
+    version: Option<Arc<str>>,
     slot: Arc<WorkloadSlot>,
     netns: Arc<NetnsWorker>,
     /// Connected from inside the task's netns.
@@ -264,6 +266,11 @@ async fn open_stream(
             .destinations()
             .workload_of(source)
             .map_or_else(|| UNKNOWN.to_owned(), |w| w.to_string()),
+        source_version: UNKNOWN.to_owned(),
+        destination_version: delivery
+            .version
+            .as_deref()
+            .map_or_else(|| UNKNOWN.to_owned(), str::to_owned),
         source_principal,
         destination_workload: delivery.workload().to_owned(),
         destination_principal: delivery.slot.id().to_string(),
@@ -302,6 +309,7 @@ fn deliver_to(
         Scope::Task {
             task_id,
             family,
+            version,
             slot,
             netns,
             addresses,
@@ -315,6 +323,7 @@ fn deliver_to(
             Ok(Delivery {
                 task_id: task_id.clone(),
                 family: family.clone(),
+                version: version.clone(),
                 slot: slot.clone(),
                 netns: netns.clone(),
                 connect_to: target,
@@ -349,6 +358,7 @@ fn deliver_to(
             Ok(Delivery {
                 task_id: owner.task_id.clone(),
                 family: owner.family.clone(),
+                version: owner.version.clone(),
                 slot: owner.slot.clone(),
                 netns: owner.netns.clone(),
                 // Bridge-mode containers listen on all their addresses; loopback in the
