@@ -8,6 +8,7 @@ mod destinations;
 mod discovery;
 mod ecs;
 mod endpoints;
+mod http_client;
 mod identity;
 mod live;
 mod metrics;

@@ -116,6 +116,25 @@ impl NetnsWorker {
     pub async fn tcp_socket(&self, ipv6: bool) -> anyhow::Result<TcpStream> {
         Ok(self.run(move || new_tcp_socket(ipv6)).await??)
     }
+
+    /// A TCP connection to `addr` made from inside the netns (so it carries the task's own
+    /// address, routes and security groups), with `TCP_NODELAY`, within `timeout` (a timeout
+    /// is an `io::ErrorKind::TimedOut` error).
+    pub async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        timeout: std::time::Duration,
+    ) -> io::Result<tokio::net::TcpStream> {
+        let socket = self
+            .tcp_socket(addr.is_ipv6())
+            .await
+            .map_err(|e| io::Error::other(format!("{e:#}")))?;
+        let socket = tokio::net::TcpSocket::from_std_stream(socket);
+        let _ = socket.set_nodelay(true);
+        tokio::time::timeout(timeout, socket.connect(addr))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+    }
 }
 
 fn new_tcp_socket(ipv6: bool) -> io::Result<TcpStream> {

@@ -13,14 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, ValueEnum};
-use http::{Request, Uri};
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use http::Uri;
 
-/// A scrape larger than this is refused (one node's agent exports a few hundred KiB at most).
-const MAX_BODY: usize = 64 * 1024 * 1024;
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Args, Debug)]
@@ -97,38 +91,16 @@ async fn scrape_inner(url: &str) -> anyhow::Result<String> {
         .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(80);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let stream = TcpStream::connect((host, port))
+    let addr = tokio::net::lookup_host((host, port))
         .await
-        .with_context(|| format!("cannot connect to {authority}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake")?;
-    let driver = tokio::spawn(connection);
-    let request = Request::get(path)
-        .header(http::header::HOST, authority.as_str())
-        .header(http::header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .context("building the request")?;
-    let response = sender
-        .send_request(request)
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    let status = response.status();
-    let mut body = response.into_body();
-    let mut out = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.context("reading the response body")?;
-        if let Some(data) = frame.data_ref() {
-            if out.len() + data.len() > MAX_BODY {
-                bail!("the answer from {url} is larger than {MAX_BODY} bytes");
-            }
-            out.extend_from_slice(data);
-        }
-    }
-    driver.abort();
+        .with_context(|| format!("cannot resolve {authority}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{authority} has no address"))?;
+    let (status, body) = crate::http_client::get(addr, path, SCRAPE_TIMEOUT).await?;
     if !status.is_success() {
         bail!("GET {url}: {status}");
     }
+    let out = body.to_vec();
     String::from_utf8(out).with_context(|| format!("the answer from {url} is not UTF-8"))
 }
 

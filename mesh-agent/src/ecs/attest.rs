@@ -15,7 +15,7 @@ use ::http::StatusCode;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::http;
+use crate::http_client as http;
 use crate::identity::RoleArn;
 
 const CREDENTIALS_VAR: &[u8] = b"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=";

@@ -16,7 +16,6 @@
 
 mod attest;
 mod cgroups;
-mod http;
 mod model;
 
 use std::collections::{HashMap, HashSet};
@@ -33,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use http::parse_http_url;
+pub use crate::http_client::parse_http_url;
 
 use crate::config::{EcsSettings, TaskSpec};
 use crate::identity::RoleArn;
@@ -299,7 +298,7 @@ impl Source {
     /// Logs and exports which cluster and instance this node is (`/v1/metadata`), so metrics
     /// and logs of a node can be told apart. Best effort: the task list is what matters.
     async fn describe_node(&self) {
-        let answer = http::get(self.agent, "/v1/metadata", REQUEST_TIMEOUT)
+        let answer = crate::http_client::get(self.agent, "/v1/metadata", REQUEST_TIMEOUT)
             .await
             .and_then(|(status, body)| {
                 anyhow::ensure!(status.is_success(), "/v1/metadata answered {status}");
@@ -322,7 +321,8 @@ impl Source {
     }
 
     async fn fetch_tasks(&self) -> anyhow::Result<Vec<model::Task>> {
-        let (status, body) = http::get(self.agent, "/v1/tasks", REQUEST_TIMEOUT).await?;
+        let (status, body) =
+            crate::http_client::get(self.agent, "/v1/tasks", REQUEST_TIMEOUT).await?;
         anyhow::ensure!(status.is_success(), "/v1/tasks answered {status}");
         let parsed: model::TasksResponse =
             serde_json::from_slice(&body).context("/v1/tasks is not the documented JSON")?;

@@ -12,13 +12,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::Mesh;
 use super::http::{self, Decision, HttpVersion, RequestRecord, RetryOn, Target};
 use super::outbound::OutboundContext;
-use super::splice::splice;
+use super::splice::{Metered, splice};
 use crate::certs::WorkloadSlot;
 use crate::destinations::Target as Destination;
 use crate::metrics::{ConnectErrorReason, RequestLabels, TcpLabels, UNKNOWN};
@@ -91,11 +91,11 @@ pub async fn serve(
                 },
             });
             tcp.opened.inc();
-            let client = Counted {
-                inner: client,
-                read: [tcp.received_bytes.clone(), ctx.metrics.sent_bytes.clone()],
-                written: [tcp.sent_bytes.clone(), ctx.metrics.received_bytes.clone()],
-            };
+            let client = Metered::new(
+                client,
+                &[&tcp.received_bytes, &ctx.metrics.sent_bytes],
+                &[&tcp.sent_bytes, &ctx.metrics.received_bytes],
+            );
             ctx.metrics.opened.inc();
             ctx.metrics.active.inc();
             let options = http::ServeOptions {
@@ -377,18 +377,11 @@ impl MeshConnector {
                 }
             }
             Destination::Local(_) | Destination::Passthrough => {
-                let socket = self
+                let stream = self
                     .ctx
                     .netns
-                    .tcp_socket(target.addr.is_ipv6())
-                    .await
-                    .map_err(|e| io::Error::other(format!("{e:#}")))?;
-                let socket = TcpSocket::from_std_stream(socket);
-                let _ = socket.set_nodelay(true);
-                let timeout = self.ctx.connect_timeout;
-                let stream = tokio::time::timeout(timeout, socket.connect(target.addr))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+                    .connect(target.addr, self.ctx.connect_timeout)
+                    .await?;
                 Ok(UpstreamIo::Tcp(stream))
             }
             Destination::VirtualService(_) | Destination::Refused => Err(io::Error::other(
@@ -414,55 +407,6 @@ impl http::Connector for MeshConnector {
 
     fn connect(&self, target: &Target) -> impl Future<Output = io::Result<UpstreamIo>> + Send {
         self.open(target)
-    }
-}
-
-/// The application's side of an HTTP connection, counting bytes each way as they flow.
-struct Counted<S> {
-    inner: S,
-    read: [prometheus_client::metrics::counter::Counter; 2],
-    written: [prometheus_client::metrics::counter::Counter; 2],
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            for c in &self.read {
-                c.inc_by(n);
-            }
-        }
-        res
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &res {
-            for c in &self.written {
-                c.inc_by(*n as u64);
-            }
-        }
-        res
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

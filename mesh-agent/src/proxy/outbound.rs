@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -375,24 +375,16 @@ async fn connect(
     ctx: &OutboundContext,
     dst: SocketAddr,
 ) -> Result<TcpStream, (ConnectErrorReason, io::Error)> {
-    let std_socket = ctx
-        .netns
-        .tcp_socket(dst.is_ipv6())
+    ctx.netns
+        .connect(dst, ctx.connect_timeout)
         .await
-        .map_err(|e| (ConnectErrorReason::other, io::Error::other(e)))?;
-    let socket = TcpSocket::from_std_stream(std_socket);
-    let _ = socket.set_nodelay(true);
-    match tokio::time::timeout(ctx.connect_timeout, socket.connect(dst)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err((classify(&e), e)),
-        Err(_) => Err((
-            ConnectErrorReason::timeout,
-            io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-        )),
-    }
+        .map_err(|e| (classify(&e), e))
 }
 
 fn classify(e: &io::Error) -> ConnectErrorReason {
+    if e.kind() == io::ErrorKind::TimedOut {
+        return ConnectErrorReason::timeout;
+    }
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED) => ConnectErrorReason::refused,
         Some(libc::ETIMEDOUT) => ConnectErrorReason::timeout,

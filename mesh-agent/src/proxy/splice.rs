@@ -21,25 +21,31 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut a = Metered {
-        inner: a,
-        read: a_to_b,
-    };
-    let mut b = Metered {
-        inner: b,
-        read: b_to_a,
-    };
+    let mut a = Metered::new(a, a_to_b, &[]);
+    let mut b = Metered::new(b, b_to_a, &[]);
     tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER_SIZE, BUFFER_SIZE).await?;
     Ok(())
 }
 
-/// Counts the bytes read through it; writes pass straight through.
-struct Metered<'c, S> {
+/// Counts the bytes read from and written to a stream as they flow, into every counter of
+/// `read` and `written` (a connection may be reported under several label sets).
+pub struct Metered<S> {
     inner: S,
-    read: &'c [&'c Counter],
+    read: Vec<Counter>,
+    written: Vec<Counter>,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
+impl<S> Metered<S> {
+    pub fn new(inner: S, read: &[&Counter], written: &[&Counter]) -> Metered<S> {
+        Metered {
+            inner,
+            read: read.iter().map(|c| (*c).clone()).collect(),
+            written: written.iter().map(|c| (*c).clone()).collect(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -47,23 +53,29 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<'_, S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
+        let n = (buf.filled().len() - before) as u64;
         if n > 0 {
-            for c in self.read {
-                c.inc_by(n as u64);
+            for c in &self.read {
+                c.inc_by(n);
             }
         }
         res
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<'_, S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &res {
+            for c in &self.written {
+                c.inc_by(*n as u64);
+            }
+        }
+        res
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

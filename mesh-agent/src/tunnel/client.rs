@@ -20,7 +20,6 @@ use hyper::client::conn::http2;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::TcpSocket;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
@@ -292,16 +291,10 @@ impl Pool {
         let connect_error = |e: io::Error| TunnelError::Connect { peer, source: e };
         // From the source task's netns: the peer sees the task's address, and the task's
         // routes and security groups apply as they would without the mesh.
-        let socket = source
+        let tcp = source
             .netns
-            .tcp_socket(peer.is_ipv6())
+            .connect(peer, self.connect_timeout)
             .await
-            .map_err(|e| connect_error(io::Error::other(format!("{e:#}"))))?;
-        let socket = TcpSocket::from_std_stream(socket);
-        let _ = socket.set_nodelay(true);
-        let tcp = tokio::time::timeout(self.connect_timeout, socket.connect(peer))
-            .await
-            .map_err(|_| connect_error(io::Error::new(io::ErrorKind::TimedOut, "timed out")))?
             .map_err(connect_error)?;
 
         let config =

@@ -15,7 +15,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -253,7 +253,11 @@ async fn open_stream(
             .policy_denial("destination", &source_principal, delivery.workload());
         return status(StatusCode::FORBIDDEN);
     }
-    let upstream = match connect(&delivery.netns, delivery.connect_to, ctx.connect_timeout).await {
+    let upstream = match delivery
+        .netns
+        .connect(delivery.connect_to, ctx.connect_timeout)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             info!(task = %delivery.task_id, %source, %target, error = %e, "cannot connect to the tunnel's target");
@@ -367,22 +371,6 @@ fn deliver_to(
             })
         }
     }
-}
-
-async fn connect(
-    netns: &NetnsWorker,
-    target: SocketAddr,
-    timeout: Duration,
-) -> io::Result<TcpStream> {
-    let socket = netns
-        .tcp_socket(target.is_ipv6())
-        .await
-        .map_err(|e| io::Error::other(format!("{e:#}")))?;
-    let socket = TcpSocket::from_std_stream(socket);
-    let _ = socket.set_nodelay(true);
-    tokio::time::timeout(timeout, socket.connect(target))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// A short reason for the handshake failure metric.

@@ -1,5 +1,6 @@
-//! A plain HTTP/1.1 GET to the ECS agent's local endpoints (hyper), whose body is kept in a
-//! buffer that is wiped when dropped: credentials responses carry secret keys.
+//! A plain HTTP/1.1 GET (hyper) for the agent's few client requests — the ECS agent's local
+//! endpoints, `mesh-agent stat` scraping an agent — whose body is kept in a buffer that is
+//! wiped when dropped: credentials responses carry secret keys.
 
 use std::net::SocketAddr;
 use std::time::Duration;
