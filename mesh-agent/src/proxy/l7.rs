@@ -151,17 +151,18 @@ async fn serve_tcp(
             return;
         }
     };
+    let endpoint = endpoint_labels(&ctx.mesh, target.addr);
     let labels = TcpLabels {
         reporter: "source",
         source_workload: ctx.workload.to_string(),
         source_version: ctx.version.to_string(),
-        destination_version: destination_version(&ctx.mesh, target.addr),
+        destination_version: endpoint.version,
         source_principal: slot
             .as_ref()
             .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string()),
         destination_workload: target.name.to_string(),
-        destination_principal: destination_principal(&ctx.mesh, target.addr),
-        connection_security_policy: security_policy(&ctx.mesh, target.addr),
+        destination_principal: endpoint.principal,
+        connection_security_policy: endpoint.policy,
     };
     let tcp = ctx.mesh.metrics.tcp(&labels);
     tcp.opened.inc();
@@ -208,32 +209,37 @@ fn pick_endpoint(mesh: &Mesh, node: &VirtualNode, port: u16) -> SocketAddr {
     }
 }
 
-fn destination_principal(mesh: &Mesh, addr: SocketAddr) -> String {
-    match mesh.destinations().resolve(addr) {
-        Destination::Remote(w) => w.identity.to_string(),
-        Destination::Local(l) => l
-            .identity
-            .as_ref()
-            .map_or_else(|| UNKNOWN.to_owned(), |i| i.to_string()),
-        _ => UNKNOWN.to_owned(),
-    }
+/// The labels of an endpoint the proxy reached: principal, version (a local task's; a remote
+/// one's is not known here) and security policy, from one destination lookup.
+struct EndpointLabels {
+    principal: String,
+    version: String,
+    policy: &'static str,
 }
 
-/// The task definition revision of a local destination; a remote one's is not known here.
-fn destination_version(mesh: &Mesh, addr: SocketAddr) -> String {
+fn endpoint_labels(mesh: &Mesh, addr: SocketAddr) -> EndpointLabels {
+    let unknown = || UNKNOWN.to_owned();
+    let meshed = if mesh.certs.is_some() {
+        "mutual_tls"
+    } else {
+        "none"
+    };
     match mesh.destinations().resolve(addr) {
-        Destination::Local(l) => l
-            .version
-            .as_deref()
-            .map_or_else(|| UNKNOWN.to_owned(), str::to_owned),
-        _ => UNKNOWN.to_owned(),
-    }
-}
-
-fn security_policy(mesh: &Mesh, addr: SocketAddr) -> &'static str {
-    match mesh.destinations().resolve(addr) {
-        Destination::Remote(_) | Destination::Local(_) if mesh.certs.is_some() => "mutual_tls",
-        _ => "none",
+        Destination::Remote(w) => EndpointLabels {
+            principal: w.identity.to_string(),
+            version: unknown(),
+            policy: meshed,
+        },
+        Destination::Local(l) => EndpointLabels {
+            principal: l.identity.as_ref().map_or_else(unknown, |i| i.to_string()),
+            version: l.version.as_deref().map_or_else(unknown, str::to_owned),
+            policy: meshed,
+        },
+        _ => EndpointLabels {
+            principal: unknown(),
+            version: unknown(),
+            policy: "none",
+        },
     }
 }
 
@@ -294,18 +300,15 @@ struct Observer {
 
 impl http::RequestObserver for Observer {
     fn observe(&self, r: RequestRecord) {
-        let (workload, version, principal, policy) = match &r.target {
-            Some(t) => (
-                t.name.to_string(),
-                destination_version(&self.mesh, t.addr),
-                destination_principal(&self.mesh, t.addr),
-                security_policy(&self.mesh, t.addr),
-            ),
+        let (workload, endpoint) = match &r.target {
+            Some(t) => (t.name.to_string(), endpoint_labels(&self.mesh, t.addr)),
             None => (
                 UNKNOWN.to_owned(),
-                UNKNOWN.to_owned(),
-                UNKNOWN.to_owned(),
-                "none",
+                EndpointLabels {
+                    principal: UNKNOWN.to_owned(),
+                    version: UNKNOWN.to_owned(),
+                    policy: "none",
+                },
             ),
         };
         let labels = RequestLabels {
@@ -314,8 +317,8 @@ impl http::RequestObserver for Observer {
             source_version: self.source_version.to_string(),
             source_principal: self.source_principal.to_string(),
             destination_workload: workload,
-            destination_version: version,
-            destination_principal: principal,
+            destination_version: endpoint.version,
+            destination_principal: endpoint.principal,
             destination_service: self.vs.to_string(),
             request_protocol: if r.grpc_status.is_some() {
                 "grpc"
@@ -325,7 +328,7 @@ impl http::RequestObserver for Observer {
             response_code: r.response_code.to_string(),
             grpc_response_status: r.grpc_status.map_or_else(String::new, |s| s.to_string()),
             response_flags: r.response_flags.to_string(),
-            connection_security_policy: policy,
+            connection_security_policy: endpoint.policy,
         };
         self.mesh
             .metrics
