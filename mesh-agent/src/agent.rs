@@ -37,6 +37,15 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     // task is touched.
     let capture = Arc::new(Capture::load(kernel_log_level())?);
     let metrics = Arc::new(Metrics::new(capture.clone()));
+    if let Some(path) = &config.agent.access_log {
+        metrics.open_access_log(path).with_context(|| {
+            format!(
+                "agent.access_log: cannot open {} for appending",
+                path.display()
+            )
+        })?;
+        info!(file = %path.display(), "writing the JSON access log");
+    }
     let certs = match &config.identity {
         Some(identity) => Some(Certs::load(identity, metrics.clone())?),
         None => {

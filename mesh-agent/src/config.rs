@@ -91,6 +91,9 @@ pub struct AgentSettings {
     /// Per-hop series (`istio_*`) unused this long, with no open connection, are removed.
     #[serde(with = "humantime_serde")]
     pub metrics_idle_expiry: Duration,
+    /// JSON access log: a file appended to (created 0640), or `/dev/stdout`; none by default.
+    /// Read at start-up.
+    pub access_log: Option<PathBuf>,
 }
 
 impl Default for AgentSettings {
@@ -105,6 +108,7 @@ impl Default for AgentSettings {
             tunnel_port: 15008,
             tunnel_idle_timeout: Duration::from_secs(120),
             metrics_idle_expiry: Duration::from_secs(600),
+            access_log: None,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `mesh-agent`: the per-node daemon of a sidecarless service mesh for Amazon ECS on EC2.
 
+mod access_log;
 mod agent;
 mod capture;
 mod certs;

@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::access_log::AccessLog;
 use crate::capture::Capture;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,7 +86,7 @@ pub struct ReloadLabels {
 }
 
 /// Istio's standard TCP labels, so existing dashboards and queries work.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, serde::Serialize)]
 pub struct TcpLabels {
     /// `source` on the client's agent, `destination` on the server's.
     pub reporter: &'static str,
@@ -102,7 +103,7 @@ pub struct TcpLabels {
 }
 
 /// Istio's request labels (a subset: no per-request or per-endpoint-IP values).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, serde::Serialize)]
 pub struct RequestLabels {
     pub reporter: &'static str,
     pub source_workload: String,
@@ -121,6 +122,11 @@ pub struct RequestLabels {
 
 /// What a principal label says when there is no identity.
 pub const UNKNOWN: &str = "unknown";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub destination_port: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
@@ -162,16 +168,38 @@ pub struct TcpMetrics {
     pub sent_bytes: Counter,
     duration: Histogram,
     started: std::time::Instant,
+    /// This connection's own byte counts, for its access log line.
+    connection_received: Counter,
+    connection_sent: Counter,
+    access_log: Option<Arc<AccessLog>>,
     /// Keeps the series from expiring while the connection is open.
-    _lease: SeriesLease<TcpLabels>,
+    lease: SeriesLease<TcpLabels>,
 }
 
 impl TcpMetrics {
-    /// The connection has closed: counted, and its lifetime observed.
+    /// Where bytes from the source to the destination are counted.
+    pub fn received(&self) -> [&Counter; 2] {
+        [&self.received_bytes, &self.connection_received]
+    }
+
+    /// Where bytes from the destination back to the source are counted.
+    pub fn sent(&self) -> [&Counter; 2] {
+        [&self.sent_bytes, &self.connection_sent]
+    }
+
+    /// The connection has closed: counted, its lifetime observed, and logged.
     pub fn finish(&self) {
+        let lifetime = self.started.elapsed();
         self.closed.inc();
-        self.duration
-            .observe(self.started.elapsed().as_secs_f64() * 1000.0);
+        self.duration.observe(lifetime.as_secs_f64() * 1000.0);
+        if let Some(log) = &self.access_log {
+            log.connection(
+                &self.lease.labels,
+                lifetime,
+                self.connection_received.get(),
+                self.connection_sent.get(),
+            );
+        }
     }
 }
 
@@ -258,6 +286,9 @@ pub struct Metrics {
     /// Failed reads of the ECS agent's task list.
     pub ecs_agent_errors: Counter,
     endpoint_ejections: Family<ServiceLabels, Counter>,
+    detection_timeouts: Family<PortLabels, Counter>,
+    access_log_dropped: Counter,
+    access_log: std::sync::OnceLock<Arc<AccessLog>>,
     ecs_agent_info: Family<EcsInfoLabels, Gauge>,
     captured: Family<TaskLabels, Counter>,
     opened: Family<TaskLabels, Counter>,
@@ -338,6 +369,9 @@ impl Metrics {
             ecs_attestations: Family::default(),
             ecs_agent_errors: Counter::default(),
             endpoint_ejections: Family::default(),
+            detection_timeouts: Family::default(),
+            access_log_dropped: Counter::default(),
+            access_log: std::sync::OnceLock::new(),
             ecs_agent_info: Family::default(),
         };
         let reg = &mut registry;
@@ -511,6 +545,16 @@ impl Metrics {
             "DNS-discovered endpoints ejected after failed connections (outlier detection), by service",
             m.endpoint_ejections.clone(),
         );
+        reg.register(
+            "mesh_protocol_detection_timeouts",
+            "Connections to an undeclared port whose application sent too little to detect its protocol within routing.protocol_detection.timeout (carried as opaque TCP, delayed by the timeout), by destination port",
+            m.detection_timeouts.clone(),
+        );
+        reg.register(
+            "mesh_access_log_dropped_lines",
+            "Access log lines dropped because the writer fell behind (agent.access_log)",
+            m.access_log_dropped.clone(),
+        );
         reg.register_collector(Box::new(KernelStats { capture }));
         Metrics { registry, ..m }
     }
@@ -627,10 +671,13 @@ impl Metrics {
     pub fn tcp(&self, labels: &TcpLabels) -> TcpMetrics {
         self.tcp_uses.touch(labels, 1);
         TcpMetrics {
-            _lease: SeriesLease {
+            lease: SeriesLease {
                 uses: self.tcp_uses.clone(),
                 labels: labels.clone(),
             },
+            connection_received: Counter::default(),
+            connection_sent: Counter::default(),
+            access_log: self.access_log.get().cloned(),
             opened: self.tcp_opened.get_or_create(labels).clone(),
             closed: self.tcp_closed.get_or_create(labels).clone(),
             received_bytes: self.tcp_received.get_or_create(labels).clone(),
@@ -744,6 +791,25 @@ impl Metrics {
                 version,
             })
             .set(1);
+    }
+
+    /// Starts the access log (once, at start-up).
+    pub fn open_access_log(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let log = AccessLog::open(path, self.access_log_dropped.clone())?;
+        let _ = self.access_log.set(Arc::new(log));
+        Ok(())
+    }
+
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.get().map(|l| &**l)
+    }
+
+    pub fn detection_timeout(&self, port: u16) {
+        self.detection_timeouts
+            .get_or_create(&PortLabels {
+                destination_port: port.to_string(),
+            })
+            .inc();
     }
 
     pub fn endpoint_ejected(&self, service: &str) {

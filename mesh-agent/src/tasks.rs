@@ -323,7 +323,7 @@ impl TaskManager {
             version: spec.version.as_deref().unwrap_or(UNKNOWN).into(),
             identity: identity_rx,
             attestation_timeout: self.attestation_timeout,
-            l7_pool: Default::default(),
+            l7_pools: Default::default(),
             mesh: self.mesh.clone(),
             netns: netns.clone(),
             capture: self.capture.clone(),

@@ -284,6 +284,8 @@ pub struct MeshConfig {
     agent: Vec<(String, String)>,
     mesh: Vec<(String, String)>,
     identity: Option<(TrustDir, String)>,
+    /// `[routing.protocol_detection] timeout`, or the agent's default when `None`.
+    protocol_detection: Option<String>,
     sections: Vec<String>,
 }
 
@@ -297,8 +299,19 @@ impl MeshConfig {
             ],
             mesh: Vec::new(),
             identity: Some((trust.clone(), "24h".into())),
+            // Off unless a test asks for it: most tests are about L4 behaviour (connections
+            // counted one for one, refusals as resets) and use curl as a convenient client;
+            // with detection their HTTP would be proxied request by request.
+            protocol_detection: Some("0s".into()),
             sections: Vec::new(),
         }
+    }
+
+    /// Protocol detection on undeclared ports: `Some(timeout)` (humantime), or `None` for the
+    /// agent's default (on, 100ms). The harness turns it off otherwise (see [`MeshConfig::new`]).
+    pub fn protocol_detection(mut self, timeout: Option<&str>) -> Self {
+        self.protocol_detection = timeout.map(str::to_owned);
+        self
     }
 
     /// Sets `[agent] key = value`; `value` is TOML (quote strings, e.g. with `"\"1s\""`).
@@ -367,6 +380,13 @@ impl MeshConfig {
         if let Some((trust, ttl)) = &self.identity {
             out.push('\n');
             out.push_str(&trust.identity_section(ttl));
+        }
+        if let Some(timeout) = &self.protocol_detection {
+            let _ = write!(
+                out,
+                "\n[routing.protocol_detection]\ntimeout = {}\n",
+                toml_str(timeout)
+            );
         }
         for section in &self.sections {
             out.push('\n');

@@ -36,6 +36,8 @@ pub enum ServeMode {
     /// HTTP: like `Http` after `delay`, except requests whose path starts with `/fast`,
     /// answered at once.
     Slow { delay: Duration },
+    /// Server speaks first (as MySQL or SMTP): `220 <ip:port> ready\r\n` at once, then echo.
+    Greet,
 }
 
 /// The `mesh-testkit` binary.
@@ -77,6 +79,7 @@ impl Testkit {
             ServeMode::Http => command.args(["--mode", "http"]),
             ServeMode::HttpEcho => command.args(["--mode", "httpecho"]),
             ServeMode::Echo => command.args(["--mode", "echo"]),
+            ServeMode::Greet => command.args(["--mode", "greet"]),
             ServeMode::HalfClose { reply_bytes } => command
                 .args(["--mode", "halfclose", "--reply-bytes"])
                 .arg(reply_bytes.to_string()),

@@ -1,7 +1,7 @@
 //! L7: HTTP/1.1 and HTTP/2 (gRPC included) proxying of one application connection.
 //!
-//! [`serve`] speaks HTTP with the application (hyper server; HTTP/1.1 keep-alive or HTTP/2, or
-//! detection from the first bytes) and forwards each request on its own:
+//! [`serve`] speaks HTTP with the application (hyper server; HTTP/1.1 keep-alive or HTTP/2, as
+//! declared or as [`detect`] found from the first bytes) and forwards each request on its own:
 //!
 //! 1. a [`Router`] decides where the request goes and with which timeouts and retry policy;
 //! 2. a [`Pool`] keeps upstream connections per [`Target`] (HTTP/1.1 keep-alive connections are
@@ -39,9 +39,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-#[allow(unused_imports)] // the outbound path uses them once wired
-pub use detect::{Detection, Prefixed, detect};
-#[allow(unused_imports)]
+pub use detect::{Detection, detect};
 pub use pool::{Pool, PoolOptions};
 
 /// A request body up to this size is kept while it is sent, so that the request can be retried.
@@ -52,12 +50,14 @@ pub const MAX_REPLAY_BODY: usize = 64 * 1024;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Where a request goes: an opaque key for the [`Connector`] (which virtual node, at which
-/// address) and the key of the upstream connection pool.
+/// address, speaking which protocol) and the key of the upstream connection pool.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     /// The virtual node (or any name the connector understands); also a metric label.
     pub name: Arc<str>,
     pub addr: SocketAddr,
+    /// The protocol the target's listener speaks (HTTP/1.1, or HTTP/2 for `http2`/`grpc`).
+    pub version: HttpVersion,
 }
 
 /// An HTTP protocol on one connection.
@@ -65,18 +65,6 @@ pub struct Target {
 pub enum HttpVersion {
     Http1,
     Http2,
-}
-
-/// How the application's connection is spoken to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    /// HTTP/1.x (keep-alive, upgrades).
-    Http1,
-    /// HTTP/2 with prior knowledge (h2c), gRPC included.
-    Http2,
-    /// Decide from the first bytes the application sends, waiting at most `timeout`; anything
-    /// else (or silence: a server-speaks-first protocol) is handed back as opaque TCP.
-    Detect { timeout: Duration },
 }
 
 /// Which failed attempts are retried: App Mesh's HTTP and gRPC retry events.
@@ -113,9 +101,6 @@ impl RetryOn {
 pub struct GrpcCodes(u32);
 
 impl GrpcCodes {
-    /// `UNAVAILABLE`.
-    pub const UNAVAILABLE: u32 = 14;
-
     /// The set with `code` added (codes above 31 are ignored).
     pub fn with(self, code: u32) -> GrpcCodes {
         GrpcCodes(self.0 | 1u32.checked_shl(code).unwrap_or(0))
@@ -155,9 +140,6 @@ pub trait Router: Send + Sync + 'static {
 /// Opens upstream byte streams.
 pub trait Connector: Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-
-    /// The protocol the target's listener speaks (HTTP/1.1, or HTTP/2 for `http2`/`grpc`).
-    fn protocol(&self, target: &Target) -> HttpVersion;
 
     /// A new connection to the target. A failure becomes a 503 (`UF`), retried under any of
     /// the retry events.
@@ -212,6 +194,12 @@ pub struct RequestRecord {
     /// `None` when no route matched.
     pub target: Option<Target>,
     pub method: http::Method,
+    /// The request's path, without its query (which may carry secrets).
+    pub path: Box<str>,
+    /// `:authority`, or `Host`.
+    pub authority: Option<Box<str>>,
+    /// The W3C trace context the request was forwarded with.
+    pub traceparent: Option<http::HeaderValue>,
     /// The status the application received (0 if it went away before any).
     pub response_code: u16,
     /// `grpc-status` of the response (trailers, or headers of a trailers-only response).
@@ -228,22 +216,6 @@ pub struct RequestRecord {
     pub response_flags: &'static str,
 }
 
-/// How [`serve`] ended.
-#[derive(Debug)]
-pub enum Outcome<S> {
-    /// The connection was served as HTTP until it closed.
-    Http(HttpVersion),
-    /// Detection found no HTTP: carry the connection as opaque TCP. `prefix` holds the bytes
-    /// already read from `stream` (possibly none); send them upstream first, then splice.
-    Opaque {
-        stream: S,
-        prefix: hyper::body::Bytes,
-        /// The application sent too little to decide within the timeout (counted: a
-        /// detection timeout delays a server-speaks-first protocol by that much).
-        timed_out: bool,
-    },
-}
-
 /// How an application connection is served, beyond its protocol.
 #[derive(Clone, Debug, Default)]
 pub struct ServeOptions {
@@ -251,63 +223,22 @@ pub struct ServeOptions {
     pub idle_timeout: Option<Duration>,
 }
 
-/// Serves one application connection as HTTP until it closes, forwarding each request as
-/// `router` decides through `pool`. With [`Protocol::Detect`], a connection that is not HTTP is
-/// returned untouched apart from the bytes read, which come back with it.
+/// Serves one application connection, speaking `version`, until it closes, forwarding each
+/// request as `router` decides through `pool`. A connection whose protocol is not declared goes
+/// through [`detect`] first.
 pub async fn serve<S, C>(
     client: S,
-    protocol: Protocol,
-    router: Arc<dyn Router>,
-    pool: Arc<Pool<C>>,
-    budget: Arc<dyn Budget>,
-    observer: Arc<dyn RequestObserver>,
-) -> io::Result<Outcome<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    C: Connector,
-{
-    let options = ServeOptions::default();
-    serve_with(client, protocol, router, pool, budget, observer, &options).await
-}
-
-/// [`serve`], with options.
-pub async fn serve_with<S, C>(
-    client: S,
-    protocol: Protocol,
+    version: HttpVersion,
     router: Arc<dyn Router>,
     pool: Arc<Pool<C>>,
     budget: Arc<dyn Budget>,
     observer: Arc<dyn RequestObserver>,
     options: &ServeOptions,
-) -> io::Result<Outcome<S>>
+) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     C: Connector,
 {
-    let (io, version) = match protocol {
-        Protocol::Http1 => (
-            Prefixed::new(Default::default(), client),
-            HttpVersion::Http1,
-        ),
-        Protocol::Http2 => (
-            Prefixed::new(Default::default(), client),
-            HttpVersion::Http2,
-        ),
-        Protocol::Detect { timeout } => match detect(client, timeout).await? {
-            Detection::Http(version, io) => (io, version),
-            Detection::Opaque {
-                stream,
-                prefix,
-                timed_out,
-            } => {
-                return Ok(Outcome::Opaque {
-                    stream,
-                    prefix,
-                    timed_out,
-                });
-            }
-        },
-    };
     let activity = idle::Activity::new();
     let forwarder = Arc::new(forward::Forwarder {
         router,
@@ -321,7 +252,7 @@ where
         let forwarder = forwarder.clone();
         async move { Ok::<_, Infallible>(forwarder.handle(request).await) }
     });
-    let io = TokioIo::new(io);
+    let io = TokioIo::new(client);
     let idle = options.idle_timeout;
     let served = match version {
         HttpVersion::Http1 => {
@@ -341,8 +272,7 @@ where
             idle::run(connection, |c| c.graceful_shutdown(), &activity, idle).await
         }
     };
-    served.map_err(io::Error::other)?;
-    Ok(Outcome::Http(version))
+    served.map_err(io::Error::other)
 }
 
 /// HTTP/2 flow-control windows, both towards the application and upstream: the 64 KiB defaults

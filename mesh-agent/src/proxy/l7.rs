@@ -16,16 +16,18 @@ use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use super::Mesh;
-use super::http::{self, Decision, HttpVersion, RequestRecord, RetryOn, Target};
-use super::outbound::OutboundContext;
+use super::http::{self, Decision, GrpcCodes, HttpVersion, RequestRecord, RetryOn, Target};
+use super::outbound::{OutboundContext, open_remote};
 use super::splice::{Metered, splice};
+use crate::access_log::RequestEntry;
 use crate::certs::WorkloadSlot;
 use crate::destinations::Target as Destination;
 use crate::metrics::{ConnectErrorReason, RequestLabels, TcpLabels, UNKNOWN};
+use crate::policy::{Decision as PolicyDecision, role_of};
 use crate::routing::budget::RetryBudget;
 use crate::routing::model::Protocol;
 use crate::routing::table::{Discovery, RequestView, VirtualNode};
-use crate::tunnel::{Source, TunnelStream};
+use crate::tunnel::{StreamMeta, StreamProtocol, TunnelError, TunnelStream};
 
 /// Carries one captured connection to virtual service `vs`.
 pub async fn serve(
@@ -42,18 +44,17 @@ pub async fn serve(
         let _ = client.set_zero_linger();
         return;
     };
-    let connector = MeshConnector {
-        ctx: ctx.clone(),
-        slot: slot.clone(),
-    };
     let _ = client.set_nodelay(true);
     match protocol {
-        Protocol::Tcp => serve_tcp(&ctx, slot, client, &vs, dst, connector).await,
-        Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
-            let app_protocol = match protocol {
-                Protocol::Http => http::Protocol::Http1,
-                _ => http::Protocol::Http2,
+        Protocol::Tcp => {
+            let connector = MeshConnector {
+                ctx: ctx.clone(),
+                slot: slot.clone(),
+                service: vs.clone(),
             };
+            serve_tcp(&ctx, slot, client, &vs, dst, connector).await
+        }
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
             let source = slot.as_ref().map(|s| s.id().clone());
             let router = Arc::new(VsRouter {
                 mesh: ctx.mesh.clone(),
@@ -61,63 +62,185 @@ pub async fn serve(
                 source,
                 port: dst.port(),
             });
-            let observer = Arc::new(Observer {
-                mesh: ctx.mesh.clone(),
-                source_workload: ctx.workload.clone(),
-                source_version: ctx.version.clone(),
-                source_principal: slot
-                    .as_ref()
-                    .map_or_else(|| UNKNOWN.into(), |s| s.id().to_string().into()),
-                vs: vs.clone(),
-            });
-            let pool = ctx.l7_pool(connector);
             let budget = ctx.mesh.retry_budget(&vs);
-            // The application's connection, as a hop to the virtual service: its requests go to
-            // several workloads (counted per request in istio_requests_*), its bytes are here.
-            let tcp = ctx.mesh.metrics.tcp(&TcpLabels {
-                reporter: "source",
-                source_workload: ctx.workload.to_string(),
-                source_version: ctx.version.to_string(),
-                destination_version: UNKNOWN.to_owned(),
-                source_principal: slot
-                    .as_ref()
-                    .map_or_else(|| UNKNOWN.to_owned(), |s| s.id().to_string()),
-                destination_workload: vs.to_string(),
-                destination_principal: UNKNOWN.to_owned(),
-                connection_security_policy: if ctx.mesh.certs.is_some() {
-                    "mutual_tls"
-                } else {
-                    "none"
-                },
-            });
-            tcp.opened.inc();
-            let client = Metered::new(
-                client,
-                &[&tcp.received_bytes, &ctx.metrics.sent_bytes],
-                &[&tcp.sent_bytes, &ctx.metrics.received_bytes],
-            );
-            ctx.metrics.opened.inc();
-            ctx.metrics.active.inc();
-            let options = http::ServeOptions {
+            let hop = Hop {
+                service: vs.clone(),
+                endpoint: None,
                 idle_timeout: table.idle_timeout(&vs),
             };
-            let served = http::serve_with(
+            serve_http(
+                &ctx,
+                slot,
                 client,
-                app_protocol,
+                version_of(protocol),
                 router,
-                pool,
                 budget,
-                observer,
-                &options,
+                hop,
             )
             .await;
-            ctx.metrics.active.dec();
-            ctx.metrics.closed.inc();
-            tcp.finish();
-            if let Err(e) = served {
-                debug!(task = %ctx.task_id, virtual_service = %vs, error = %e, "HTTP connection ended with an error");
-            }
         }
+    }
+}
+
+/// A connection to a meshed workload's port that speaks HTTP (declared by a virtual node, or
+/// detected) but is not a virtual service's: no routing, but each request is proxied and
+/// reported, to the address the application dialled.
+pub async fn serve_direct<S>(
+    ctx: Arc<OutboundContext>,
+    slot: Option<Arc<WorkloadSlot>>,
+    client: S,
+    version: HttpVersion,
+    workload: Arc<str>,
+    dst: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let router = Arc::new(Direct(Decision {
+        target: Target {
+            name: workload.clone(),
+            addr: dst,
+            version,
+        },
+        per_try_timeout: None,
+        request_timeout: None,
+        max_retries: 0,
+        retry_on: RetryOn::default(),
+    }));
+    let hop = Hop {
+        service: workload,
+        endpoint: Some(dst),
+        idle_timeout: None,
+    };
+    serve_http(
+        &ctx,
+        slot,
+        client,
+        version,
+        router,
+        Arc::new(NoRetries),
+        hop,
+    )
+    .await;
+}
+
+/// The HTTP version a listener protocol speaks.
+pub fn version_of(protocol: Protocol) -> HttpVersion {
+    match protocol {
+        Protocol::Http2 | Protocol::Grpc => HttpVersion::Http2,
+        Protocol::Http | Protocol::Tcp => HttpVersion::Http1,
+    }
+}
+
+/// What an application connection served as HTTP is a hop to.
+struct Hop {
+    /// The `destination_service` label, and the key of the task's upstream pool.
+    service: Arc<str>,
+    /// The one endpoint of a direct hop (a virtual service's requests go to several).
+    endpoint: Option<SocketAddr>,
+    idle_timeout: Option<Duration>,
+}
+
+/// Serves one application connection as HTTP, reporting its requests (reporter `source`)
+/// and its bytes.
+async fn serve_http<S>(
+    ctx: &Arc<OutboundContext>,
+    slot: Option<Arc<WorkloadSlot>>,
+    client: S,
+    version: HttpVersion,
+    router: Arc<dyn http::Router>,
+    budget: Arc<dyn http::Budget>,
+    hop: Hop,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mesh = &ctx.mesh;
+    let source_principal: Arc<str> = slot
+        .as_ref()
+        .map_or_else(|| UNKNOWN.into(), |s| s.id().to_string().into());
+    let observer = Arc::new(Observer {
+        mesh: mesh.clone(),
+        reporter: "source",
+        source_workload: ctx.workload.clone(),
+        source_version: ctx.version.clone(),
+        source_principal: source_principal.clone(),
+        service: hop.service.clone(),
+        destination: None,
+    });
+    let pool = ctx.l7_pool(&hop.service, || MeshConnector {
+        ctx: ctx.clone(),
+        slot: slot.clone(),
+        service: hop.service.clone(),
+    });
+    // The application's connection, as a hop: to a virtual service its requests go to
+    // several workloads (counted per request in istio_requests_*); its bytes are here.
+    let endpoint = hop.endpoint.map(|a| endpoint_labels(mesh, a));
+    let labels = TcpLabels {
+        reporter: "source",
+        source_workload: ctx.workload.to_string(),
+        source_version: ctx.version.to_string(),
+        source_principal: source_principal.to_string(),
+        destination_workload: hop.service.to_string(),
+        destination_version: endpoint
+            .as_ref()
+            .map_or_else(|| UNKNOWN.to_owned(), |e| e.version.clone()),
+        destination_principal: endpoint
+            .as_ref()
+            .map_or_else(|| UNKNOWN.to_owned(), |e| e.principal.clone()),
+        connection_security_policy: if mesh.certs.is_some() {
+            "mutual_tls"
+        } else {
+            "none"
+        },
+    };
+    let tcp = mesh.metrics.tcp(&labels);
+    // A direct hop to a task of this node is reported by both ends, as two agents would.
+    let peer_side = endpoint.as_ref().is_some_and(|e| e.local).then(|| {
+        mesh.metrics.tcp(&TcpLabels {
+            reporter: "destination",
+            ..labels.clone()
+        })
+    });
+    let mut received = vec![&ctx.metrics.sent_bytes];
+    let mut sent = vec![&ctx.metrics.received_bytes];
+    for t in std::iter::once(&tcp).chain(&peer_side) {
+        t.opened.inc();
+        received.extend(t.received());
+        sent.extend(t.sent());
+    }
+    let client = Metered::new(client, &received, &sent);
+    ctx.metrics.opened.inc();
+    ctx.metrics.active.inc();
+    let options = http::ServeOptions {
+        idle_timeout: hop.idle_timeout,
+    };
+    let served = http::serve(client, version, router, pool, budget, observer, &options).await;
+    ctx.metrics.active.dec();
+    ctx.metrics.closed.inc();
+    for t in std::iter::once(&tcp).chain(&peer_side) {
+        t.finish();
+    }
+    if let Err(e) = served {
+        debug!(task = %ctx.task_id, service = %hop.service, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Every request to the one target.
+struct Direct(Decision);
+
+impl http::Router for Direct {
+    fn route(&self, _: &::http::request::Parts) -> Option<Decision> {
+        Some(self.0.clone())
+    }
+}
+
+/// For hops without a retry policy.
+pub(super) struct NoRetries;
+
+impl http::Budget for NoRetries {
+    fn record_request(&self) {}
+
+    fn try_retry(&self) -> bool {
+        false
     }
 }
 
@@ -140,8 +263,9 @@ async fn serve_tcp(
     let target = Target {
         name: decision.target.name().into(),
         addr: pick_endpoint(&ctx.mesh, decision.target, port),
+        version: HttpVersion::Http1,
     };
-    let upstream = match connector.open(&target).await {
+    let upstream = match connector.open(&target, None).await {
         Ok(u) => u,
         Err(e) => {
             info!(task = %ctx.task_id, virtual_service = %vs, node = %target.name, error = %e, "cannot reach the virtual node");
@@ -169,9 +293,11 @@ async fn serve_tcp(
     ctx.metrics.opened.inc();
     ctx.metrics.active.inc();
     let m = &ctx.metrics;
+    let [received, received_here] = tcp.received();
+    let [sent, sent_here] = tcp.sent();
     let (up, down) = (
-        [&m.sent_bytes, &tcp.received_bytes],
-        [&m.received_bytes, &tcp.sent_bytes],
+        [&m.sent_bytes, received, received_here],
+        [&m.received_bytes, sent, sent_here],
     );
     if let Err(e) = splice(client, upstream, &up, &down).await {
         debug!(task = %ctx.task_id, virtual_service = %vs, error = %e, "connection ended with an error");
@@ -215,6 +341,19 @@ struct EndpointLabels {
     principal: String,
     version: String,
     policy: &'static str,
+    /// A task of this node: its agent (this one) reports the destination side too.
+    local: bool,
+}
+
+impl EndpointLabels {
+    fn unknown() -> EndpointLabels {
+        EndpointLabels {
+            principal: UNKNOWN.to_owned(),
+            version: UNKNOWN.to_owned(),
+            policy: "none",
+            local: false,
+        }
+    }
 }
 
 fn endpoint_labels(mesh: &Mesh, addr: SocketAddr) -> EndpointLabels {
@@ -229,17 +368,15 @@ fn endpoint_labels(mesh: &Mesh, addr: SocketAddr) -> EndpointLabels {
             principal: w.identity.to_string(),
             version: unknown(),
             policy: meshed,
+            local: false,
         },
         Destination::Local(l) => EndpointLabels {
             principal: l.identity.as_ref().map_or_else(unknown, |i| i.to_string()),
             version: l.version.as_deref().map_or_else(unknown, str::to_owned),
             policy: meshed,
+            local: true,
         },
-        _ => EndpointLabels {
-            principal: unknown(),
-            version: unknown(),
-            policy: "none",
-        },
+        _ => EndpointLabels::unknown(),
     }
 }
 
@@ -259,10 +396,17 @@ impl http::Router for VsRouter {
         let d = table.route_http(&self.vs, &view, self.source.as_ref())?;
         let port = d.port.unwrap_or(self.port);
         let retry = d.retry;
+        // The virtual node's listener says what the endpoint speaks; HTTP/1.1 when it
+        // declares none on that port.
+        let version = d
+            .target
+            .protocol_on(port)
+            .map_or(HttpVersion::Http1, version_of);
         Some(Decision {
             target: Target {
                 name: d.target.name().into(),
                 addr: pick_endpoint(&self.mesh, d.target, port),
+                version,
             },
             per_try_timeout: retry.map(|r| r.per_retry_timeout),
             request_timeout: d.timeouts.per_request,
@@ -273,7 +417,11 @@ impl http::Router for VsRouter {
                 connection_error: retry.is_some_and(|r| r.retries_connection_error()),
                 client_error: retry.is_some_and(|r| r.retries_status(409)),
                 stream_error: retry.is_some_and(|r| r.retries_stream_error()),
-                ..RetryOn::default()
+                grpc: retry.map_or_else(GrpcCodes::default, |r| {
+                    (0..=16)
+                        .filter(|c| r.retries_grpc_status(*c))
+                        .fold(GrpcCodes::default(), GrpcCodes::with)
+                }),
             },
         })
     }
@@ -289,37 +437,51 @@ impl http::Budget for RetryBudget {
     }
 }
 
-/// Turns request records into Istio's request metrics (reporter `source`).
-struct Observer {
-    mesh: Arc<Mesh>,
-    source_workload: Arc<str>,
-    source_version: Arc<str>,
-    source_principal: Arc<str>,
-    vs: Arc<str>,
+/// Turns request records into Istio's request metrics.
+pub(super) struct Observer {
+    pub mesh: Arc<Mesh>,
+    /// `source` (the caller's agent: the destination is looked up per request, by the
+    /// address it went to) or `destination` (the callee's agent: `destination` is set).
+    pub reporter: &'static str,
+    pub source_workload: Arc<str>,
+    pub source_version: Arc<str>,
+    pub source_principal: Arc<str>,
+    /// `destination_service`: the virtual service, or the workload of a direct hop.
+    pub service: Arc<str>,
+    pub destination: Option<FixedDestination>,
+}
+
+/// The destination labels the destination's agent knows for every request of a stream.
+pub(super) struct FixedDestination {
+    pub workload: String,
+    pub version: String,
+    pub principal: String,
 }
 
 impl http::RequestObserver for Observer {
     fn observe(&self, r: RequestRecord) {
-        let (workload, endpoint) = match &r.target {
-            Some(t) => (t.name.to_string(), endpoint_labels(&self.mesh, t.addr)),
-            None => (
-                UNKNOWN.to_owned(),
+        let (workload, endpoint) = match (&self.destination, &r.target) {
+            (Some(d), _) => (
+                d.workload.clone(),
                 EndpointLabels {
-                    principal: UNKNOWN.to_owned(),
-                    version: UNKNOWN.to_owned(),
-                    policy: "none",
+                    principal: d.principal.clone(),
+                    version: d.version.clone(),
+                    policy: "mutual_tls",
+                    local: false,
                 },
             ),
+            (None, Some(t)) => (t.name.to_string(), endpoint_labels(&self.mesh, t.addr)),
+            (None, None) => (UNKNOWN.to_owned(), EndpointLabels::unknown()),
         };
         let labels = RequestLabels {
-            reporter: "source",
+            reporter: self.reporter,
             source_workload: self.source_workload.to_string(),
             source_version: self.source_version.to_string(),
             source_principal: self.source_principal.to_string(),
             destination_workload: workload,
             destination_version: endpoint.version,
             destination_principal: endpoint.principal,
-            destination_service: self.vs.to_string(),
+            destination_service: self.service.to_string(),
             request_protocol: if r.grpc_status.is_some() {
                 "grpc"
             } else {
@@ -330,20 +492,57 @@ impl http::RequestObserver for Observer {
             response_flags: r.response_flags.to_string(),
             connection_security_policy: endpoint.policy,
         };
-        self.mesh
-            .metrics
-            .request(&labels, r.duration, r.request_bytes, r.response_bytes);
+        self.report(&labels, &r);
+        if endpoint.local {
+            // Both ends are this node's: reported as both agents would.
+            let labels = RequestLabels {
+                reporter: "destination",
+                ..labels
+            };
+            self.report(&labels, &r);
+        }
     }
 }
 
-/// Opens upstream streams for the L7 pool of one source task.
+impl Observer {
+    fn report(&self, labels: &RequestLabels, r: &RequestRecord) {
+        let metrics = &self.mesh.metrics;
+        metrics.request(labels, r.duration, r.request_bytes, r.response_bytes);
+        if let Some(log) = metrics.access_log() {
+            log.request(&RequestEntry {
+                labels,
+                method: r.method.as_str(),
+                authority: r.authority.as_deref(),
+                path: &r.path,
+                traceparent: r.traceparent.as_ref().and_then(|t| t.to_str().ok()),
+                upstream: r.target.as_ref().map(|t| t.addr.to_string()),
+                duration: r.duration,
+                request_bytes: r.request_bytes,
+                response_bytes: r.response_bytes,
+                retries: r.retries,
+            });
+        }
+    }
+}
+
+/// Opens upstream streams for one of a source task's L7 pools (one per service).
 pub struct MeshConnector {
     ctx: Arc<OutboundContext>,
     slot: Option<Arc<WorkloadSlot>>,
+    /// Told to the destination's agent, for its `destination_service` label.
+    service: Arc<str>,
 }
 
 impl MeshConnector {
-    async fn open(&self, target: &Target) -> io::Result<UpstreamIo> {
+    /// A stream to `target`: a tunnel stream to its agent, or a connection from the task's
+    /// netns for a task of this node (after its policy, as its agent would check it).
+    /// `protocol`: the stream carries HTTP proxied request by request (the destination's
+    /// agent then reports the requests too); `None` for opaque bytes.
+    async fn open(
+        &self,
+        target: &Target,
+        protocol: Option<StreamProtocol>,
+    ) -> io::Result<UpstreamIo> {
         if target.addr.ip().is_unspecified() {
             return Err(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -356,60 +555,79 @@ impl MeshConnector {
                 let (Some(slot), Some(pool)) = (&self.slot, &mesh.pool) else {
                     return Err(io::Error::other("the task has no identity"));
                 };
-                let source = Source {
-                    task: &self.ctx.task_id,
-                    slot,
-                    netns: &self.ctx.netns,
+                let meta = StreamMeta {
+                    protocol,
+                    source_workload: Some(self.ctx.workload.clone()),
+                    source_version: Some(self.ctx.version.clone()),
+                    service: Some(self.service.clone()),
                 };
-                let peer = SocketAddr::new(target.addr.ip(), remote.tunnel_port);
-                let opened = pool.open(source, &remote.identity, peer, target.addr).await;
-                let balanced = !remote.endpoints.is_empty();
-                match opened {
-                    Ok(stream) => {
-                        if balanced {
-                            mesh.outliers.record_success(target.addr, Instant::now());
-                        }
-                        Ok(UpstreamIo::Tunnel(Box::new(stream)))
+                // As for opaque connections: an ejected endpoint of a DNS service is replaced,
+                // one that fails now is ejected and another tried.
+                match open_remote(&self.ctx, slot, pool, &remote, target.addr, &meta).await {
+                    Ok(stream) => Ok(UpstreamIo::Tunnel(Box::new(stream))),
+                    Err(TunnelError::Denied(status)) => {
+                        mesh.metrics
+                            .policy_denial("source", &slot.id().to_string(), &remote.name);
+                        Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            format!("the destination's policy denied the stream (HTTP {status})"),
+                        ))
                     }
-                    Err(e) => {
-                        if balanced && mesh.outliers.record_failure(target.addr, Instant::now()) {
-                            mesh.metrics.endpoint_ejected(&remote.name);
-                        }
-                        Err(io::Error::other(e.to_string()))
-                    }
+                    Err(e) => Err(io::Error::other(e.to_string())),
                 }
             }
-            Destination::Local(_) | Destination::Passthrough => {
-                let stream = self
-                    .ctx
-                    .netns
-                    .connect(target.addr, self.ctx.connect_timeout)
-                    .await?;
-                Ok(UpstreamIo::Tcp(stream))
+            Destination::Local(local) => {
+                if mesh.certs.is_some() {
+                    let Some(slot) = &self.slot else {
+                        return Err(io::Error::other("the task has no identity"));
+                    };
+                    let decision = mesh.authorizer().check_in(
+                        slot.id(),
+                        &local.task,
+                        local.family.as_deref(),
+                        target.addr.port(),
+                    );
+                    if let PolicyDecision::Deny { by_default } = decision {
+                        info!(source = %slot.id(), source_role = %role_of(slot.id()), destination = %local.task, dst = %target.addr, by_default, "request denied by authorization policy");
+                        let source = slot.id().to_string();
+                        for reporter in ["source", "destination"] {
+                            mesh.metrics
+                                .policy_denial(reporter, &source, local.workload());
+                        }
+                        return Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            "denied by the destination's policy",
+                        ));
+                    }
+                }
+                self.connect_direct(target).await
             }
+            Destination::Passthrough => self.connect_direct(target).await,
             Destination::VirtualService(_) | Destination::Refused => Err(io::Error::other(
                 format!("{} is not a reachable endpoint", target.addr),
             )),
         }
+    }
+
+    async fn connect_direct(&self, target: &Target) -> io::Result<UpstreamIo> {
+        let stream = self
+            .ctx
+            .netns
+            .connect(target.addr, self.ctx.connect_timeout)
+            .await?;
+        Ok(UpstreamIo::Tcp(stream))
     }
 }
 
 impl http::Connector for MeshConnector {
     type Io = UpstreamIo;
 
-    fn protocol(&self, target: &Target) -> HttpVersion {
-        let table = self.ctx.mesh.routing();
-        match table
-            .virtual_node(&target.name)
-            .and_then(|n| n.protocol_on(target.addr.port()))
-        {
-            Some(Protocol::Http2 | Protocol::Grpc) => HttpVersion::Http2,
-            _ => HttpVersion::Http1,
-        }
-    }
-
     fn connect(&self, target: &Target) -> impl Future<Output = io::Result<UpstreamIo>> + Send {
-        self.open(target)
+        let protocol = match target.version {
+            HttpVersion::Http1 => StreamProtocol::Http1,
+            HttpVersion::Http2 => StreamProtocol::Http2,
+        };
+        self.open(target, Some(protocol))
     }
 }
 

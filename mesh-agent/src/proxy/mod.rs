@@ -2,12 +2,13 @@
 //! directly (unmeshed destinations and tasks of this node) or through the mutual-TLS tunnel to
 //! the destination's agent.
 
-#[allow(dead_code)] // protocol detection and gRPC retry events are wired next
 mod http;
+mod inbound;
 mod l7;
 mod outbound;
 mod splice;
 
+pub use inbound::{InboundHttp, serve_inbound_http};
 pub use outbound::{OutboundContext, serve_outbound};
 pub use splice::splice;
 use std::sync::Arc;

@@ -1,11 +1,15 @@
 //! Outbound: connections a task made that the kernel redirected to the agent's listener in the
 //! task's netns.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hyper::body::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -19,8 +23,10 @@ use crate::destinations::{RemoteWorkload, Target};
 use crate::metrics::{ConnectErrorReason, TaskMetrics, TcpLabels, UNKNOWN};
 use crate::netns::NetnsWorker;
 use crate::policy::{Decision, role_of};
+use crate::routing::model::Protocol;
+use crate::routing::table::AppProtocol;
 use crate::tasks::Identity;
-use crate::tunnel::{Pool, Source, TunnelError, TunnelStream};
+use crate::tunnel::{Pool, Source, StreamMeta, TunnelError, TunnelStream};
 
 /// Everything the outbound path of one task needs.
 pub struct OutboundContext {
@@ -34,8 +40,9 @@ pub struct OutboundContext {
     /// How long a meshed connection waits for a pending identity.
     pub attestation_timeout: Duration,
     /// Upstream HTTP connections of this task's L7 traffic (made from its netns, with its
-    /// identity), created on first use.
-    pub l7_pool: std::sync::OnceLock<Arc<http::Pool<l7::MeshConnector>>>,
+    /// identity), one pool per service (virtual service, or workload of a direct hop),
+    /// created on first use.
+    pub l7_pools: std::sync::Mutex<HashMap<Arc<str>, Arc<http::Pool<l7::MeshConnector>>>>,
     pub mesh: Arc<Mesh>,
     pub netns: Arc<NetnsWorker>,
     pub capture: Arc<Capture>,
@@ -66,7 +73,7 @@ pub async fn serve_outbound(
     .await;
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) {
+async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) {
     let ctx = &ctx;
     let m = &ctx.metrics;
     let Some(dst) = ctx.capture.take_original_dst(ctx.netns_cookie, peer) else {
@@ -111,6 +118,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
         connection_security_policy: "none",
     };
     let mut same_node = false;
+    // Bytes protocol detection read from the application, sent upstream first.
+    let mut prefix = Bytes::new();
     let upstream: Upstream = match target {
         Target::VirtualService(vs) => {
             return l7::serve(ctx.clone(), slot, client, vs, dst).await;
@@ -168,6 +177,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
                 reset(client);
                 return;
             }
+            let workload: Arc<str> = local.workload().into();
+            let Some((c, p)) = http_or_opaque(ctx, slot, client, &local.task, workload, dst).await
+            else {
+                return;
+            };
+            (client, prefix) = (c, p);
             match connect(ctx, dst).await {
                 Ok(s) => Upstream::Direct(s),
                 Err(failure) => return refuse_unreachable(ctx, client, dst, failure),
@@ -180,7 +195,19 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
             labels.destination_workload = remote.name.to_string();
             labels.destination_principal = remote.identity.to_string();
             labels.connection_security_policy = "mutual_tls";
-            match open_remote(ctx, slot, pool, &remote, dst).await {
+            let Some((c, p)) =
+                http_or_opaque(ctx, slot, client, &remote.name, remote.name.clone(), dst).await
+            else {
+                return;
+            };
+            (client, prefix) = (c, p);
+            let meta = StreamMeta {
+                protocol: None,
+                source_workload: Some(ctx.workload.clone()),
+                source_version: Some(ctx.version.clone()),
+                service: Some(remote.name.clone()),
+            };
+            match open_remote(ctx, slot, pool, &remote, dst, &meta).await {
                 Ok(stream) => Upstream::Tunnel(stream),
                 Err(e) => {
                     let reason = match &e {
@@ -219,15 +246,17 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
         d.opened.inc();
     }
     debug!(task = %ctx.task_id, %peer, %dst, "proxying");
-    let mut up = vec![&m.sent_bytes, &tcp.received_bytes];
-    let mut down = vec![&m.received_bytes, &tcp.sent_bytes];
+    let mut up = vec![&m.sent_bytes];
+    let mut down = vec![&m.received_bytes];
+    up.extend(tcp.received());
+    down.extend(tcp.sent());
     if let Some(d) = &peer_side {
-        up.push(&d.received_bytes);
-        down.push(&d.sent_bytes);
+        up.extend(d.received());
+        down.extend(d.sent());
     }
     let result = match upstream {
-        Upstream::Direct(s) => splice(client, s, &up, &down).await,
-        Upstream::Tunnel(t) => splice(client, t.io, &up, &down).await,
+        Upstream::Direct(s) => send_then_splice(&prefix, client, s, &up, &down).await,
+        Upstream::Tunnel(t) => send_then_splice(&prefix, client, t.io, &up, &down).await,
     };
     if let Err(e) = result {
         debug!(task = %ctx.task_id, %peer, %dst, error = %e, "connection ended with an error");
@@ -244,12 +273,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContext>) 
 /// endpoint is replaced by a healthy one, and an endpoint that fails now (its agent or its
 /// target unreachable) is ejected and the connection tried once more on another: the
 /// application sees neither.
-async fn open_remote(
+pub(super) async fn open_remote(
     ctx: &OutboundContext,
     slot: &Arc<WorkloadSlot>,
     pool: &Pool,
     remote: &RemoteWorkload,
     dst: SocketAddr,
+    meta: &StreamMeta,
 ) -> Result<TunnelStream, TunnelError> {
     let outliers = &ctx.mesh.outliers;
     let balanced = !remote.endpoints.is_empty();
@@ -272,7 +302,7 @@ async fn open_remote(
         };
         let tunnel_peer = SocketAddr::new(target.ip(), remote.tunnel_port);
         let result = pool
-            .open(source, &remote.identity, tunnel_peer, target)
+            .open(source, &remote.identity, tunnel_peer, target, meta)
             .await;
         attempts -= 1;
         match result {
@@ -307,6 +337,74 @@ enum Upstream {
     Tunnel(TunnelStream),
 }
 
+/// Serves a connection to a meshed workload (`name`: its task id or `[[endpoints]]`/
+/// `[[services]]` name; `workload`: its label) as HTTP when its port is declared HTTP or the
+/// application's first bytes are HTTP, and returns `None` once done. Otherwise hands the
+/// connection back for opaque TCP, with the bytes detection read from it.
+async fn http_or_opaque(
+    ctx: &Arc<OutboundContext>,
+    slot: &Arc<WorkloadSlot>,
+    client: TcpStream,
+    name: &str,
+    workload: Arc<str>,
+    dst: SocketAddr,
+) -> Option<(TcpStream, Bytes)> {
+    let slot = Some(slot.clone());
+    match ctx.mesh.routing().app_protocol(name, dst.port()) {
+        AppProtocol::Declared(Protocol::Tcp) | AppProtocol::Opaque => Some((client, Bytes::new())),
+        AppProtocol::Declared(p) => {
+            let _ = client.set_nodelay(true);
+            let version = l7::version_of(p);
+            l7::serve_direct(ctx.clone(), slot, client, version, workload, dst).await;
+            None
+        }
+        AppProtocol::Detect(timeout) => match http::detect(client, timeout).await {
+            Ok(http::Detection::Http(version, io)) => {
+                let _ = io.get_ref().set_nodelay(true);
+                l7::serve_direct(ctx.clone(), slot, io, version, workload, dst).await;
+                None
+            }
+            Ok(http::Detection::Opaque {
+                stream,
+                prefix,
+                timed_out,
+            }) => {
+                if timed_out {
+                    // The application said nothing (or too little) within the timeout: a
+                    // server-speaks-first protocol waited that long. Declare the port.
+                    ctx.mesh.metrics.detection_timeout(dst.port());
+                    debug!(task = %ctx.task_id, %dst, "protocol detection timed out; carrying the connection as opaque TCP");
+                }
+                Some((stream, prefix))
+            }
+            Err(e) => {
+                debug!(task = %ctx.task_id, %dst, error = %e, "connection failed during protocol detection");
+                None
+            }
+        },
+    }
+}
+
+/// Sends `prefix` (what protocol detection read) upstream, then splices.
+async fn send_then_splice<U>(
+    prefix: &[u8],
+    client: TcpStream,
+    mut upstream: U,
+    up: &[&Counter],
+    down: &[&Counter],
+) -> io::Result<()>
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    if !prefix.is_empty() {
+        upstream.write_all(prefix).await?;
+        for c in up {
+            c.inc_by(prefix.len() as u64);
+        }
+    }
+    splice(client, upstream, up, down).await
+}
+
 /// The direct connect failed: a reset tells the application, as a refused connect would.
 fn refuse_unreachable(
     ctx: &OutboundContext,
@@ -320,12 +418,18 @@ fn refuse_unreachable(
 }
 
 impl OutboundContext {
-    /// The task's L7 connection pool.
-    pub fn l7_pool(&self, connector: l7::MeshConnector) -> Arc<http::Pool<l7::MeshConnector>> {
-        self.l7_pool
-            .get_or_init(|| {
+    /// The task's L7 connection pool for `service`.
+    pub fn l7_pool(
+        &self,
+        service: &Arc<str>,
+        connector: impl FnOnce() -> l7::MeshConnector,
+    ) -> Arc<http::Pool<l7::MeshConnector>> {
+        let mut pools = self.l7_pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(service.clone())
+            .or_insert_with(|| {
                 http::Pool::new(
-                    connector,
+                    connector(),
                     http::PoolOptions {
                         idle_timeout: l7::POOL_IDLE,
                         ..http::PoolOptions::default()

@@ -53,6 +53,26 @@ impl RoutingSpec {
 pub struct RoutingSettings {
     pub retry_budget: RetryBudgetSpec,
     pub override_header: OverrideHeaderSpec,
+    pub protocol_detection: ProtocolDetectionSpec,
+}
+
+/// `[routing.protocol_detection]`: how a connection to a meshed workload is treated when no
+/// virtual node declares the protocol of its port. The first bytes the application sends
+/// decide (HTTP/1.x request line or the HTTP/2 preface: proxied as HTTP, with request
+/// metrics; anything else: opaque TCP). An application that sends nothing first (a
+/// server-speaks-first protocol such as MySQL or SMTP) is carried as opaque TCP once
+/// `timeout` has passed, delayed by that much; such ports belong in `opaque_ports`, or in a
+/// virtual node listener with protocol `tcp`, where there is no detection at all.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtocolDetectionSpec {
+    /// How long to wait for the application's first bytes (default 100ms, at most 10s);
+    /// `0s` turns detection off: undeclared ports are opaque TCP.
+    pub timeout: Option<Spanned<HumanDuration>>,
+    /// Ports never inspected (default: Linkerd's list of server-speaks-first and binary
+    /// protocols: SMTP 25 and 587, MySQL 3306, Galera 4444, PostgreSQL 5432, Redis 6379,
+    /// Elasticsearch 9300, memcached 11211).
+    pub opaque_ports: Option<Vec<u16>>,
 }
 
 /// `[routing.retry_budget]`: how many retries the agent may add on top of the requests it

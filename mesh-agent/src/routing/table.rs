@@ -464,9 +464,58 @@ pub struct RoutingTable {
     pub(super) routers: Vec<VirtualRouter>,
     pub(super) override_header: OverrideHeader,
     pub(super) retry_budget: RetryBudgetSettings,
+    pub(super) detection: DetectionSettings,
+}
+
+/// How the application protocol of a connection to a meshed workload is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppProtocol {
+    /// A virtual node declares the port: no detection.
+    Declared(Protocol),
+    /// Nothing declares it: decide from the first bytes, waiting at most this long.
+    Detect(Duration),
+    /// Nothing declares it and detection is off for it: opaque TCP.
+    Opaque,
+}
+
+/// The validated `[routing.protocol_detection]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DetectionSettings {
+    /// `None`: detection is off.
+    pub timeout: Option<Duration>,
+    pub opaque_ports: Vec<u16>,
+}
+
+impl Default for DetectionSettings {
+    fn default() -> Self {
+        DetectionSettings {
+            timeout: Some(Duration::from_millis(100)),
+            opaque_ports: vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211],
+        }
+    }
 }
 
 impl RoutingTable {
+    /// How a connection to `port` of the workload `name` (a task id, an `[[endpoints]]` or a
+    /// `[[services]]` name) is spoken: as a virtual node with that discovery declares it,
+    /// else by detection (unless the port is opaque or detection is off).
+    pub fn app_protocol(&self, name: &str, port: u16) -> AppProtocol {
+        let declared = self
+            .nodes
+            .iter()
+            .filter(|n| match &n.discovery {
+                Discovery::Service(x) | Discovery::Endpoint(x) | Discovery::Task(x) => x == name,
+            })
+            .find_map(|n| n.protocol_on(port));
+        match (declared, self.detection.timeout) {
+            (Some(p), _) => AppProtocol::Declared(p),
+            (None, Some(t)) if !self.detection.opaque_ports.contains(&port) => {
+                AppProtocol::Detect(t)
+            }
+            _ => AppProtocol::Opaque,
+        }
+    }
+
     /// True when no virtual service is declared (nothing is routed at L7).
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()

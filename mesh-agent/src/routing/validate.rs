@@ -23,17 +23,19 @@ use toml::Spanned;
 
 use super::budget::RetryBudgetSettings;
 use super::model::{
-    HeaderMatchSpec, Protocol, RouteSpec, RoutingSettings, RoutingSpec, VirtualNodeSpec,
-    VirtualRouterSpec, VirtualServiceSpec,
+    HeaderMatchSpec, Protocol, ProtocolDetectionSpec, RouteSpec, RoutingSettings, RoutingSpec,
+    VirtualNodeSpec, VirtualRouterSpec, VirtualServiceSpec,
 };
 use super::overrides::{DEFAULT_HEADER, OverrideHeader};
 use super::table::{
-    Discovery, GrpcMatcher, HeaderMatcher, Listener, PathMatcher, Provider, RequestMatch,
-    RetryPolicy, Route, RoutingTable, TargetRef, Timeouts, ValueMatcher, VirtualNode,
+    DetectionSettings, Discovery, GrpcMatcher, HeaderMatcher, Listener, PathMatcher, Provider,
+    RequestMatch, RetryPolicy, Route, RoutingTable, TargetRef, Timeouts, ValueMatcher, VirtualNode,
     VirtualRouter, VirtualService, WeightedTarget,
 };
 use crate::identity::TrustDomain;
 
+/// The longest protocol detection timeout accepted.
+const MAX_DETECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most weighted targets of one route (App Mesh's limit).
 pub const MAX_TARGETS: usize = 10;
 /// The highest (last) route priority.
@@ -164,6 +166,7 @@ pub fn validate(
         problems: Vec::new(),
     };
     let (override_header, retry_budget) = c.settings(&spec.routing, known);
+    let detection = c.detection(&spec.routing.protocol_detection);
     let nodes = c.nodes(&spec.virtual_nodes, known);
     let routers = c.routers(&spec.virtual_routers);
     let routes = c.routes(&spec.routes, &nodes, &routers);
@@ -213,6 +216,7 @@ pub fn validate(
         routers,
         override_header,
         retry_budget,
+        detection,
     })
 }
 
@@ -661,6 +665,30 @@ impl Checker<'_> {
             field: field.into(),
             message: message.into(),
         });
+    }
+
+    fn detection(&mut self, s: &ProtocolDetectionSpec) -> DetectionSettings {
+        let mut d = DetectionSettings::default();
+        if let Some(t) = &s.timeout {
+            let t_value = t.get_ref().0;
+            if t_value <= MAX_DETECTION_TIMEOUT {
+                d.timeout = (!t_value.is_zero()).then_some(t_value);
+            } else {
+                self.problem(
+                    t.span(),
+                    "routing.protocol_detection.timeout",
+                    format!(
+                        "{} is longer than {}: a server-speaks-first protocol would wait that long",
+                        humantime::format_duration(t_value),
+                        humantime::format_duration(MAX_DETECTION_TIMEOUT)
+                    ),
+                );
+            }
+        }
+        if let Some(ports) = &s.opaque_ports {
+            d.opaque_ports = ports.clone();
+        }
+        d
     }
 
     fn settings(

@@ -23,8 +23,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::tls;
 use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
+use super::{StreamMeta, tls};
 use crate::certs::{Certs, WorkloadSlot};
 use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
@@ -144,13 +144,14 @@ impl Pool {
     }
 
     /// Opens a stream to `target` through the peer agent at `peer`, which must prove
-    /// `destination`.
+    /// `destination`; `meta` tells the peer what the stream carries.
     pub async fn open(
         &self,
         source: Source<'_>,
         destination: &SpiffeId,
         peer: SocketAddr,
         target: SocketAddr,
+        meta: &StreamMeta,
     ) -> Result<TunnelStream, TunnelError> {
         let key = PoolKey {
             task: source.task.clone(),
@@ -168,7 +169,7 @@ impl Pool {
         let (stream, reused) = self
             .checkout(&slot, &source, destination, peer, false)
             .await?;
-        match self.connect_stream(stream, target).await {
+        match self.connect_stream(stream, target, meta).await {
             // A pooled connection can die unnoticed (the peer agent restarted, an idle NAT
             // entry expired). The stream failed before the peer saw the request, so one retry
             // on a fresh connection is safe and spares the application a reset.
@@ -177,7 +178,7 @@ impl Pool {
                 let (stream, _) = self
                     .checkout(&slot, &source, destination, peer, true)
                     .await?;
-                self.connect_stream(stream, target).await
+                self.connect_stream(stream, target, meta).await
             }
             result => result,
         }
@@ -227,13 +228,15 @@ impl Pool {
         &self,
         mut stream: Checkout,
         target: SocketAddr,
+        meta: &StreamMeta,
     ) -> Result<TunnelStream, TunnelError> {
         self.metrics.tunnel_stream_opened("outbound");
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(Empty::new())
             .map_err(|e| TunnelError::Other(e.to_string()))?;
+        meta.write_to(request.headers_mut());
         let sent = async {
             stream.sender.ready().await?;
             stream.sender.send_request(request).await

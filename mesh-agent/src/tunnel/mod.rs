@@ -8,6 +8,7 @@
 
 mod client;
 mod hostports;
+mod meta;
 mod server;
 mod tls;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 pub use client::{Pool, Source, TunnelError, TunnelStream};
 pub use hostports::HostPorts;
+pub use meta::{StreamMeta, StreamProtocol};
 pub use server::{InboundContext, Scope, serve_inbound};
 
 /// TLS handshake deadline, both directions: a peer that stalls mid-handshake holds a socket

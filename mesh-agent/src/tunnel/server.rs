@@ -21,14 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::hostports::HostPorts;
-use super::tls;
 use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
+use super::{StreamMeta, tls};
 use crate::certs::{Certs, WorkloadSlot};
 use crate::identity::SpiffeId;
 use crate::metrics::{TcpLabels, UNKNOWN};
 use crate::netns::NetnsWorker;
 use crate::policy::{Decision, role_of};
-use crate::proxy::{ConnectionSet, Mesh, accept_loop, splice};
+use crate::proxy::{ConnectionSet, InboundHttp, Mesh, accept_loop, serve_inbound_http, splice};
 
 /// Streams one client connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
@@ -264,13 +264,20 @@ async fn open_stream(
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    let meta = StreamMeta::read_from(request.headers());
+    let source_workload = meta
+        .source_workload
+        .clone()
+        .or_else(|| mesh.destinations().workload_of(source));
     let labels = TcpLabels {
         reporter: "destination",
-        source_workload: mesh
-            .destinations()
-            .workload_of(source)
-            .map_or_else(|| UNKNOWN.to_owned(), |w| w.to_string()),
-        source_version: UNKNOWN.to_owned(),
+        source_workload: source_workload
+            .as_deref()
+            .map_or_else(|| UNKNOWN.to_owned(), str::to_owned),
+        source_version: meta
+            .source_version
+            .as_deref()
+            .map_or_else(|| UNKNOWN.to_owned(), str::to_owned),
         destination_version: delivery
             .version
             .as_deref()
@@ -283,6 +290,8 @@ async fn open_stream(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let tcp = mesh.metrics.tcp(&labels);
     let task_id = delivery.task_id.clone();
+    let mesh = mesh.clone();
+    let connect_timeout = ctx.connect_timeout;
     ctx.connections.spawn(async move {
         let tunnel = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),
@@ -292,8 +301,24 @@ async fn open_stream(
             }
         };
         tcp.opened.inc();
-        let (up, down) = ([&tcp.received_bytes], [&tcp.sent_bytes]);
-        if let Err(e) = splice(tunnel, upstream, &up, &down).await {
+        let (up, down) = (tcp.received(), tcp.sent());
+        let result = match meta.protocol {
+            // The source agent proxies this stream's requests: serve them as HTTP too, so
+            // that they are reported by this end (`reporter="destination"`) as well.
+            Some(protocol) => {
+                let stream = InboundHttp {
+                    protocol,
+                    labels: &labels,
+                    service: meta.service.clone(),
+                    netns: delivery.netns.clone(),
+                    connect_to: delivery.connect_to,
+                    connect_timeout,
+                };
+                serve_inbound_http(&mesh, stream, tunnel, upstream, &up, &down).await
+            }
+            None => splice(tunnel, upstream, &up, &down).await,
+        };
+        if let Err(e) = result {
             debug!(task = %task_id, %target, error = %e, "tunnel stream ended with an error");
         }
         tcp.finish();

@@ -194,6 +194,9 @@ impl Recorder {
             record: RequestRecord {
                 target: None,
                 method,
+                path: Default::default(),
+                authority: None,
+                traceparent: None,
                 response_code: 0,
                 grpc_status: None,
                 duration: Default::default(),

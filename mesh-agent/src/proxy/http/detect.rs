@@ -120,9 +120,9 @@ impl<S> Prefixed<S> {
         Prefixed { prefix, inner }
     }
 
-    /// The bytes not yet read back, and the inner stream.
-    pub fn into_parts(self) -> (Bytes, S) {
-        (self.prefix, self.inner)
+    /// The stream underneath.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 }
 

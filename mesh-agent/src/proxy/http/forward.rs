@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::body::{Recorder, Replay, RequestBody, ResponseBody, Tape};
-use super::headers::{ensure_traceparent, grpc_status, is_grpc, prepare_request, strip_hop_by_hop};
+use super::headers::{
+    TRACEPARENT, ensure_traceparent, grpc_status, is_grpc, prepare_request, strip_hop_by_hop,
+};
 use super::idle::Activity;
 use super::pool::{Lease, Pool};
 use super::{
@@ -152,14 +154,21 @@ impl<C: Connector> Forwarder<C> {
         let on_client_upgrade = (self.downstream == HttpVersion::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
         let (mut head, body) = request.into_parts();
+        // For the access log: cheap clones (reference-counted bytes).
+        recorder.record.path = head.uri.path().into();
+        recorder.record.authority = head.uri.authority().map(|a| a.as_str().into()).or_else(|| {
+            let host = head.headers.get(http::header::HOST)?;
+            host.to_str().ok().map(Into::into)
+        });
         let Some(decision) = self.router.route(&head) else {
             return self.local_reply(recorder, StatusCode::NOT_FOUND, flags::NO_ROUTE, grpc);
         };
         recorder.record.target = Some(decision.target.clone());
         self.budget.record_request();
-        let upstream = self.pool.protocol(&decision.target);
+        let upstream = decision.target.version;
         let deadline = decision.request_timeout.map(|t| start + t);
         ensure_traceparent(&mut head.headers);
+        recorder.record.traceparent = head.headers.get(TRACEPARENT).cloned();
         match on_client_upgrade {
             Some(on_client) if upstream == HttpVersion::Http1 => {
                 return self
@@ -260,6 +269,11 @@ impl<C: Connector> Forwarder<C> {
             Attempt::Response(response, lease) => {
                 recorder.record.response_flags = flag(flags::NONE);
                 self.respond(response, recorder, lease, deadline, false)
+            }
+            // The destination's authorization policy refused the caller: Envoy's RBAC reply.
+            Attempt::ConnectFailed(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                debug!(%target, error = %e, "denied by the destination's policy");
+                self.local_reply(recorder, StatusCode::FORBIDDEN, flags::NONE, grpc)
             }
             Attempt::ConnectFailed(e) => {
                 debug!(%target, error = %e, "cannot connect upstream");
@@ -491,6 +505,7 @@ impl<C: Connector> Forwarder<C> {
 fn local_message(status: StatusCode, flag: &'static str) -> &'static str {
     match (status, flag) {
         (StatusCode::NOT_FOUND, _) => "no route",
+        (StatusCode::FORBIDDEN, _) => "RBAC: access denied",
         (StatusCode::NOT_IMPLEMENTED, _) => "CONNECT cannot be carried to this upstream",
         (StatusCode::GATEWAY_TIMEOUT, _) => "upstream request timeout",
         (StatusCode::BAD_REQUEST, _) => "request body failed",
@@ -503,11 +518,13 @@ fn local_message(status: StatusCode, flag: &'static str) -> &'static str {
     }
 }
 
-/// gRPC status of a local reply: DEADLINE_EXCEEDED for a timeout, UNAVAILABLE when the upstream
-/// could not answer, UNIMPLEMENTED without a route.
+/// gRPC status of a local reply: DEADLINE_EXCEEDED for a timeout, PERMISSION_DENIED for a
+/// policy refusal, UNAVAILABLE when the upstream could not answer, UNIMPLEMENTED without a
+/// route.
 fn grpc_code(status: StatusCode) -> u32 {
     match status {
         StatusCode::GATEWAY_TIMEOUT => 4,
+        StatusCode::FORBIDDEN => 7,
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY => 14,
         StatusCode::NOT_FOUND | StatusCode::NOT_IMPLEMENTED => 12,
         _ => 13,

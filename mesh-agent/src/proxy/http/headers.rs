@@ -234,6 +234,7 @@ mod tests {
         let target = Target {
             name: "b".into(),
             addr: "10.0.0.1:80".parse().unwrap(),
+            version: HttpVersion::Http1,
         };
         // HTTP/2 from the application to an HTTP/1.1 upstream: authority becomes Host.
         let (mut head, ()) = http::Request::builder()

@@ -140,15 +140,13 @@ impl<C: Connector> Pool<C> {
         pool
     }
 
+    #[cfg(test)]
     pub fn connector(&self) -> &C {
         &self.connector
     }
 
-    pub(super) fn protocol(&self, target: &Target) -> HttpVersion {
-        self.connector.protocol(target)
-    }
-
     /// Idle HTTP/1.1 connections and open HTTP/2 connections to `target`.
+    #[cfg(test)]
     pub fn idle_connections(&self, target: &Target) -> usize {
         let Some(slot) = self.existing_slot(target) else {
             return 0;
@@ -160,6 +158,7 @@ impl<C: Connector> Pool<C> {
         idle + h2
     }
 
+    #[cfg(test)]
     fn existing_slot(&self, target: &Target) -> Option<Arc<Slot>> {
         self.slots
             .lock()
@@ -186,7 +185,7 @@ impl<C: Connector> Pool<C> {
     /// A connection for one request: a pooled one unless `fresh`, else a new one.
     pub(super) async fn checkout(&self, target: &Target, fresh: bool) -> io::Result<Checkout> {
         let slot = self.slot(target);
-        match self.protocol(target) {
+        match target.version {
             HttpVersion::Http1 => {
                 if !fresh && let Some(sender) = self.idle_h1(&slot).await {
                     return Ok(Checkout {

@@ -21,11 +21,21 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::detect::Prefixed;
 use super::headers::valid_traceparent;
 use super::*;
 
 // ---------------------------------------------------------------------------------------------
 // Test doubles: router, connector, budgets, observer.
+
+/// How the test proxy speaks to its clients: as the outbound path does, a declared version or
+/// detection first.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Http1,
+    Http2,
+    Detect { timeout: Duration },
+}
 
 /// Routes by the `x-target` header.
 struct HeaderRouter {
@@ -39,7 +49,7 @@ impl Router for HeaderRouter {
     }
 }
 
-/// Plain TCP to the target's address; targets whose name starts with `h2` speak HTTP/2.
+/// Plain TCP to the target's address.
 #[derive(Default)]
 struct TestConnector {
     connects: AtomicUsize,
@@ -47,14 +57,6 @@ struct TestConnector {
 
 impl Connector for TestConnector {
     type Io = TcpStream;
-
-    fn protocol(&self, target: &Target) -> HttpVersion {
-        if target.name.starts_with("h2") {
-            HttpVersion::Http2
-        } else {
-            HttpVersion::Http1
-        }
-    }
 
     async fn connect(&self, target: &Target) -> io::Result<TcpStream> {
         self.connects.fetch_add(1, Ordering::SeqCst);
@@ -251,11 +253,18 @@ struct Proxy {
     outcomes: Arc<Mutex<Vec<String>>>,
 }
 
+/// A decision for target `name`; names starting with `h2` speak HTTP/2.
 fn decision(name: &str, addr: SocketAddr) -> Decision {
+    let version = if name.starts_with("h2") {
+        HttpVersion::Http2
+    } else {
+        HttpVersion::Http1
+    };
     Decision {
         target: Target {
             name: name.into(),
             addr,
+            version,
         },
         per_try_timeout: None,
         request_timeout: None,
@@ -314,19 +323,29 @@ async fn proxy_with(
                 serve_options.clone(),
             );
             tokio::spawn(async move {
-                let outcome = if serve_options.idle_timeout.is_some() {
-                    let (r, p, b, o) = (router, pool, budget, observer);
-                    serve_with(stream, protocol, r, p, b, o, &serve_options).await
-                } else {
-                    serve(stream, protocol, router, pool, budget, observer).await
+                let (r, p, b, o) = (router, pool, budget, observer);
+                let served = |version, io| async move {
+                    let served = serve(io, version, r, p, b, o, &serve_options).await;
+                    match (served, version) {
+                        (Ok(()), HttpVersion::Http1) => "http1".to_owned(),
+                        (Ok(()), HttpVersion::Http2) => "http2".to_owned(),
+                        (Err(e), _) => format!("error:{e}"),
+                    }
                 };
-                let what = match outcome {
-                    Ok(Outcome::Http(HttpVersion::Http1)) => "http1".to_owned(),
-                    Ok(Outcome::Http(HttpVersion::Http2)) => "http2".to_owned(),
-                    Ok(Outcome::Opaque {
-                        prefix, timed_out, ..
-                    }) => format!("opaque:{}:{timed_out}", String::from_utf8_lossy(&prefix)),
-                    Err(e) => format!("error:{e}"),
+                let what = match protocol {
+                    Protocol::Http1 => {
+                        served(HttpVersion::Http1, Prefixed::new(Bytes::new(), stream)).await
+                    }
+                    Protocol::Http2 => {
+                        served(HttpVersion::Http2, Prefixed::new(Bytes::new(), stream)).await
+                    }
+                    Protocol::Detect { timeout } => match detect(stream, timeout).await {
+                        Ok(Detection::Http(version, io)) => served(version, io).await,
+                        Ok(Detection::Opaque {
+                            prefix, timed_out, ..
+                        }) => format!("opaque:{}:{timed_out}", String::from_utf8_lossy(&prefix)),
+                        Err(e) => format!("error:{e}"),
+                    },
                 };
                 outcomes.lock().unwrap().push(what);
             });
@@ -1155,7 +1174,7 @@ async fn a_trailers_only_grpc_status_is_retried_when_configured() {
     .await;
     let mut d = decision("h2", up.addr);
     d.max_retries = 2;
-    d.retry_on.grpc = GrpcCodes::default().with(GrpcCodes::UNAVAILABLE);
+    d.retry_on.grpc = GrpcCodes::default().with(14);
     assert!(!d.retry_on.grpc.contains(4) && d.retry_on.grpc.with(99) == d.retry_on.grpc);
     let p = proxy(Protocol::Http2, vec![("h2", d)]).await;
     let mut client = h2_client(p.addr).await;

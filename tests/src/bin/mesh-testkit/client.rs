@@ -17,10 +17,22 @@ use crate::pattern::{CLIENT_SEED, Pattern, SERVER_SEED};
 const CHUNK: usize = 64 * 1024;
 
 enum Mode {
-    HalfClose { send: u64, expect: u64 },
-    Echo { send: u64 },
-    Concurrent { connections: usize, send: u64 },
-    Hold { seconds: u64 },
+    HalfClose {
+        send: u64,
+        expect: u64,
+    },
+    Echo {
+        send: u64,
+    },
+    Concurrent {
+        connections: usize,
+        send: u64,
+    },
+    Hold {
+        seconds: u64,
+    },
+    /// Waits for a server-speaks-first greeting (`--mode greet`), then one echo.
+    Greeting,
     Load(Load),
 }
 
@@ -72,6 +84,7 @@ impl Options {
                     seconds: args.required("seconds")?,
                 },
             ),
+            "greeting" => (&[], Mode::Greeting),
             "load" => (
                 &[
                     "stop-file",
@@ -123,6 +136,10 @@ pub fn run(opts: Options) -> Result<()> {
             let (stream, addrs) = connect(&opts)?;
             let messages = hold(stream, Duration::from_secs(seconds))?;
             format!("messages={messages} {addrs}")
+        }
+        Mode::Greeting => {
+            let (stream, addrs) = connect(&opts)?;
+            greeting(stream, started)? + " " + &addrs
         }
         Mode::Load(ref load) => load_run(&opts, load)?,
     };
@@ -436,4 +453,31 @@ fn read_exact(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
         filled += n;
     }
     Ok(())
+}
+
+/// Says nothing until the server's greeting line has arrived (as a MySQL client waits for the
+/// handshake), then checks one echo. Reports the greeting and how long it took from the start
+/// of the connect: `greeting="220 ..." greeting_ms=<ms>`.
+fn greeting(mut stream: TcpStream, started: Instant) -> Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        ensure!(line.len() < 256, "no greeting line: {line:?}");
+        let n = stream.read(&mut byte).context("reading the greeting")?;
+        ensure!(
+            n == 1,
+            "connection closed before the greeting ended: {line:?}"
+        );
+        line.push(byte[0]);
+    }
+    let greeting_ms = started.elapsed().as_secs_f64() * 1000.0;
+    stream.write_all(b"ping\n")?;
+    let mut echoed = [0u8; 5];
+    stream.read_exact(&mut echoed).context("reading the echo")?;
+    ensure!(&echoed == b"ping\n", "echo: {echoed:?}");
+    let text = String::from_utf8_lossy(&line);
+    Ok(format!(
+        "greeting={:?} greeting_ms={greeting_ms:.1}",
+        text.trim_end()
+    ))
 }

@@ -5,7 +5,7 @@
 //! 2nd, 4th...; 100: all), and 200 `peer=...` to the others; a request for `/count` is not
 //! counted and is answered 200 with the number of other requests received so far. `slow`
 //! waits `--delay-ms` before answering like `http`, except requests whose path starts with
-//! `/fast`, answered at once.
+//! `/fast`, answered at once. `greet` speaks first (a greeting line), then echoes.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -35,6 +35,9 @@ enum Mode {
     Flaky { fail_percent: u64 },
     /// HTTP: like `Http` after `delay`, except paths starting with `/fast`.
     Slow { delay: Duration },
+    /// Server speaks first, as MySQL or SMTP: `220 <local ip:port> ready\r\n` at once, then
+    /// echo.
+    Greet,
 }
 
 pub struct Options {
@@ -52,6 +55,7 @@ impl Options {
             "http" => Mode::Http,
             "httpecho" => Mode::HttpEcho,
             "echo" => Mode::Echo,
+            "greet" => Mode::Greet,
             "halfclose" => Mode::HalfClose {
                 reply_bytes: reply_bytes.unwrap_or(0),
             },
@@ -121,6 +125,12 @@ fn handle(stream: TcpStream, mode: Mode, counter: &AtomicU64) -> Result<()> {
         Mode::Flaky { fail_percent } => flaky(stream, fail_percent, counter),
         Mode::Slow { delay } => slow(stream, delay),
         Mode::Echo => echo(stream),
+        Mode::Greet => {
+            let mut stream = stream;
+            let me = stream.local_addr()?;
+            stream.write_all(format!("220 {me} ready\r\n").as_bytes())?;
+            echo(stream)
+        }
         Mode::HalfClose { reply_bytes } => half_close(stream, reply_bytes),
     }
 }
