@@ -26,7 +26,8 @@ pub struct StatArgs {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     interval: Duration,
     /// Whose view of each hop: the source task's agent (`reporter="source"`) or the destination
-    /// task's (`reporter="destination"`). Requests are reported by the source side only.
+    /// task's (`reporter="destination"`: what reached the workload, before the caller's
+    /// retries and timeouts are applied).
     #[arg(long, value_enum, default_value_t = By::Source)]
     by: By,
 }
