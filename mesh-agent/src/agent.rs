@@ -30,6 +30,14 @@ use crate::tunnel::{InboundContext, Pool, Scope, serve_inbound};
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let host = preflight::check_host()?;
     let config = Config::load(&config_path)?;
+    match preflight::raise_open_files_limit() {
+        Ok(n) if n < 65_536 => warn!(
+            open_files = n,
+            "the open-files limit is low for a proxy (each proxied connection holds 2-3 descriptors); raise LimitNOFILE / ulimits nofile"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot raise the open-files limit"),
+    }
     info!(config = %config_path.display(), cgroup2 = %host.cgroup2_root.display(), tasks = config.tasks.len(), "starting");
 
     // The programs are loaded (not attached) first because the metrics read their counters;

@@ -94,6 +94,10 @@ pub struct AgentSettings {
     /// JSON access log: a file appended to (created 0640), or `/dev/stdout`; none by default.
     /// Read at start-up.
     pub access_log: Option<PathBuf>,
+    /// Threads that run the data path (default 1, see docs/benchmarks.md: one thread keeps each
+    /// connection's tasks together and is the cheapest per request; raise it on nodes whose
+    /// traffic needs more than one core of proxying). Read at start-up.
+    pub worker_threads: usize,
 }
 
 impl Default for AgentSettings {
@@ -109,6 +113,7 @@ impl Default for AgentSettings {
             tunnel_idle_timeout: Duration::from_secs(120),
             metrics_idle_expiry: Duration::from_secs(600),
             access_log: None,
+            worker_threads: 1,
         }
     }
 }
@@ -664,6 +669,12 @@ impl Config {
                     t.cgroup.display()
                 );
             }
+        }
+        if !(1..=64).contains(&self.agent.worker_threads) {
+            bail!(
+                "agent.worker_threads = {} is not between 1 and 64",
+                self.agent.worker_threads
+            );
         }
         if self.agent.outbound_port == 0 {
             bail!("agent.outbound_port must not be 0");

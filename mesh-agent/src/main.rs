@@ -72,6 +72,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run { config } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads(&config))
             .enable_all()
             .thread_name("mesh-worker")
             .build()
@@ -88,6 +89,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `agent.worker_threads` (`MESH_WORKER_THREADS` overrides it, for benchmarks). A file that
+/// does not load gets the default here; `agent::run` then reports why it does not load.
+fn worker_threads(config: &std::path::Path) -> usize {
+    let from_env = std::env::var("MESH_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    from_env
+        .or_else(|| {
+            config::Config::load(config)
+                .ok()
+                .map(|c| c.agent.worker_threads)
+        })
+        .unwrap_or(1)
+        .max(1)
 }
 
 /// Level from `MESH_LOG` (or `RUST_LOG`), default `info`.

@@ -82,6 +82,31 @@ fn unescape_mount_path(s: &str) -> String {
     out
 }
 
+/// Raises the soft limit on open files to the hard limit: every proxied connection holds two
+/// or three descriptors in the agent, and the usual soft limit (1,024) would refuse
+/// connections after a few hundred. Returns the limit in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        return Ok(raised.rlim_cur);
+    }
+    Ok(limit.rlim_cur)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +132,20 @@ mod tests {
     fn unescapes_octal_in_mount_paths() {
         assert_eq!(unescape_mount_path(r"/a\040b"), "/a b");
         assert_eq!(unescape_mount_path(r"/a\\"), r"/a\\");
+    }
+
+    #[test]
+    fn the_open_files_limit_ends_at_the_hard_limit() {
+        let raised = raise_open_files_limit().unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!(raised, limit.rlim_cur);
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
     }
 }

@@ -2,6 +2,7 @@
 //! `std::process::Command`, so every task behaves the same on a laptop and on a fresh CI machine.
 
 mod apt;
+mod bench;
 mod ci;
 mod cmd;
 mod demo;
@@ -43,6 +44,13 @@ enum Task {
     Test,
     /// Build, then run the demo: simulated ECS nodes with the real agent.
     Demo,
+    /// Build release binaries, then benchmark direct vs mesh vs a stunnel pair side by side
+    /// (results in target/bench/; see docs/benchmarks.md). Needs root.
+    Bench {
+        /// Shorter runs, fewer rounds, smaller bulk transfer and idle-connection counts.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// Cargo profile; the eBPF crate's own dev profile is optimised, since the verifier rejects
@@ -106,6 +114,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             let built = workspace::build(&root, Profile::Debug)?;
             demo::run(&root, &built.agent_bin)
         }
+        Task::Bench { quick } => bench::run(&root, quick),
     }
 }
 
