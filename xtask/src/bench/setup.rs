@@ -150,14 +150,10 @@ impl Testbed {
         else {
             unreachable!("three setups");
         };
-        let nofile = proxy_nofile();
+        // The agent raises its own open-files soft limit to the hard one at start-up.
         let launch = Launch {
             bin: agent_bin.to_path_buf(),
-            wrapper: vec![
-                "prlimit".into(),
-                format!("--nofile={nofile}:{nofile}").into(),
-                "--".into(),
-            ],
+            wrapper: Vec::new(),
             env: Vec::new(),
         };
         let node1_config = MeshConfig::new(&trust)
