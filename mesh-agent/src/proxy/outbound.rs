@@ -122,7 +122,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContex
     let mut prefix = Bytes::new();
     let upstream: Upstream = match target {
         Target::VirtualService(vs) => {
-            return l7::serve(ctx.clone(), slot, client, vs, dst).await;
+            // Boxed: the L7 engine's state is large, and only its connections should pay for it.
+            return Box::pin(l7::serve(ctx.clone(), slot, client, vs, dst)).await;
         }
         Target::Refused => {
             info!(task = %ctx.task_id, %dst, "destination is not meshed and egress is denied; connection refused");
@@ -178,7 +179,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContex
                 return;
             }
             let workload: Arc<str> = local.workload().into();
-            let Some((c, p)) = http_or_opaque(ctx, slot, client, &local.task, workload, dst).await
+            let Some((c, p)) = Box::pin(http_or_opaque(
+                ctx,
+                slot,
+                client,
+                &local.task,
+                workload,
+                dst,
+            ))
+            .await
             else {
                 return;
             };
@@ -195,8 +204,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContex
             labels.destination_workload = remote.name.to_string();
             labels.destination_principal = remote.identity.to_string();
             labels.connection_security_policy = "mutual_tls";
-            let Some((c, p)) =
-                http_or_opaque(ctx, slot, client, &remote.name, remote.name.clone(), dst).await
+            let Some((c, p)) = Box::pin(http_or_opaque(
+                ctx,
+                slot,
+                client,
+                &remote.name,
+                remote.name.clone(),
+                dst,
+            ))
+            .await
             else {
                 return;
             };
@@ -207,7 +223,8 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContex
                 source_version: Some(ctx.version.clone()),
                 service: Some(remote.name.clone()),
             };
-            match open_remote(ctx, slot, pool, &remote, dst, &meta).await {
+            // Boxed: dialling (TLS and HTTP/2 handshakes) is large and over once the stream is open.
+            match Box::pin(open_remote(ctx, slot, pool, &remote, dst, &meta)).await {
                 Ok(stream) => Upstream::Tunnel(stream),
                 Err(e) => {
                     let reason = match &e {
@@ -355,13 +372,29 @@ async fn http_or_opaque(
         AppProtocol::Declared(p) => {
             let _ = client.set_nodelay(true);
             let version = l7::version_of(p);
-            l7::serve_direct(ctx.clone(), slot, client, version, workload, dst).await;
+            Box::pin(l7::serve_direct(
+                ctx.clone(),
+                slot,
+                client,
+                version,
+                workload,
+                dst,
+            ))
+            .await;
             None
         }
         AppProtocol::Detect(timeout) => match http::detect(client, timeout).await {
             Ok(http::Detection::Http(version, io)) => {
                 let _ = io.get_ref().set_nodelay(true);
-                l7::serve_direct(ctx.clone(), slot, io, version, workload, dst).await;
+                Box::pin(l7::serve_direct(
+                    ctx.clone(),
+                    slot,
+                    io,
+                    version,
+                    workload,
+                    dst,
+                ))
+                .await;
                 None
             }
             Ok(http::Detection::Opaque {
@@ -502,4 +535,21 @@ fn classify(e: &io::Error) -> ConnectErrorReason {
 fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future an `async fn` of three arguments returns.
+    fn future_size<A, B, C, F: Future>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every captured connection is one task holding this future for its whole life: it must
+    /// stay small (the L7 paths, much larger, are boxed only when taken).
+    #[test]
+    fn a_connection_task_is_small() {
+        let size = future_size(super::handle);
+        println!("outbound connection future: {size} bytes");
+        assert!(size <= 2048, "{size} bytes");
+    }
 }

@@ -314,7 +314,11 @@ async fn open_stream(
                     connect_to: delivery.connect_to,
                     connect_timeout,
                 };
-                serve_inbound_http(&mesh, stream, tunnel, upstream, &up, &down).await
+                // Boxed: only HTTP streams should carry the L7 engine's state.
+                Box::pin(serve_inbound_http(
+                    &mesh, stream, tunnel, upstream, &up, &down,
+                ))
+                .await
             }
             None => splice(tunnel, upstream, &up, &down).await,
         };
