@@ -130,6 +130,28 @@ pub struct Decision {
     pub retry_on: RetryOn,
 }
 
+impl Decision {
+    /// Straight to `target`: no timeout, no retry.
+    pub fn to(target: Target) -> Decision {
+        Decision {
+            target,
+            per_try_timeout: None,
+            request_timeout: None,
+            max_retries: 0,
+            retry_on: RetryOn::default(),
+        }
+    }
+}
+
+/// Every request to the one decision: a hop with no routing of its own.
+pub struct Fixed(pub Decision);
+
+impl Router for Fixed {
+    fn route(&self, _: &http::request::Parts) -> Option<Decision> {
+        Some(self.0.clone())
+    }
+}
+
 /// Chooses the target and policy of each request. Called once per request, with the request's
 /// head as the application sent it (override headers included).
 pub trait Router: Send + Sync + 'static {
@@ -194,10 +216,11 @@ pub struct RequestRecord {
     /// `None` when no route matched.
     pub target: Option<Target>,
     pub method: http::Method,
-    /// The request's path, without its query (which may carry secrets).
-    pub path: Box<str>,
-    /// `:authority`, or `Host`.
-    pub authority: Option<Box<str>>,
+    /// The request's target as the application sent it (the access log keeps its path, not its
+    /// query, which may carry secrets).
+    pub uri: http::Uri,
+    /// The `Host` header (HTTP/1.1; HTTP/2 has the authority in `uri`).
+    pub host: Option<http::HeaderValue>,
     /// The W3C trace context the request was forwarded with.
     pub traceparent: Option<http::HeaderValue>,
     /// The status the application received (0 if it went away before any).
@@ -214,6 +237,16 @@ pub struct RequestRecord {
     pub retries: u32,
     /// One of [`flags`] (or a combination such as `UF,URX`).
     pub response_flags: &'static str,
+}
+
+impl RequestRecord {
+    /// `:authority`, or the `Host` header.
+    pub fn authority(&self) -> Option<&str> {
+        match self.uri.authority() {
+            Some(a) => Some(a.as_str()),
+            None => self.host.as_ref().and_then(|h| h.to_str().ok()),
+        }
+    }
 }
 
 /// How an application connection is served, beyond its protocol.

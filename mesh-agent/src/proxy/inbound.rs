@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::Mesh;
-use super::http::{self, Decision, HttpVersion, RetryOn, Target};
+use super::http::{self, Decision, HttpVersion, Target};
 use super::l7::{FixedDestination, NoRetries, Observer};
 use super::splice::Metered;
 use crate::metrics::TcpLabels;
@@ -53,17 +53,11 @@ where
         StreamProtocol::Http2 => HttpVersion::Http2,
     };
     let _ = upstream.set_nodelay(true);
-    let router = Arc::new(ToTask(Decision {
-        target: Target {
-            name: labels.destination_workload.as_str().into(),
-            addr: stream.connect_to,
-            version,
-        },
-        per_try_timeout: None,
-        request_timeout: None,
-        max_retries: 0,
-        retry_on: RetryOn::default(),
-    }));
+    let router = Arc::new(http::Fixed(Decision::to(Target {
+        name: labels.destination_workload.as_str().into(),
+        addr: stream.connect_to,
+        version,
+    })));
     let connector = TaskConnector {
         opened: Mutex::new(Some(upstream)),
         netns: stream.netns,
@@ -103,15 +97,6 @@ where
         &options,
     )
     .await
-}
-
-/// Every request to the task's port.
-struct ToTask(Decision);
-
-impl http::Router for ToTask {
-    fn route(&self, _: &::http::request::Parts) -> Option<Decision> {
-        Some(self.0.clone())
-    }
 }
 
 /// The connection opened when the stream was accepted, then new ones from the task's netns.

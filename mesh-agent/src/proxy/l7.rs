@@ -95,17 +95,11 @@ pub async fn serve_direct<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let router = Arc::new(Direct(Decision {
-        target: Target {
-            name: workload.clone(),
-            addr: dst,
-            version,
-        },
-        per_try_timeout: None,
-        request_timeout: None,
-        max_retries: 0,
-        retry_on: RetryOn::default(),
-    }));
+    let router = Arc::new(http::Fixed(Decision::to(Target {
+        name: workload.clone(),
+        addr: dst,
+        version,
+    })));
     let hop = Hop {
         service: workload,
         endpoint: Some(dst),
@@ -221,15 +215,6 @@ async fn serve_http<S>(
     }
     if let Err(e) = served {
         debug!(task = %ctx.task_id, service = %hop.service, error = %e, "HTTP connection ended with an error");
-    }
-}
-
-/// Every request to the one target.
-struct Direct(Decision);
-
-impl http::Router for Direct {
-    fn route(&self, _: &::http::request::Parts) -> Option<Decision> {
-        Some(self.0.clone())
     }
 }
 
@@ -512,8 +497,8 @@ impl Observer {
             log.request(&RequestEntry {
                 labels,
                 method: r.method.as_str(),
-                authority: r.authority.as_deref(),
-                path: &r.path,
+                authority: r.authority(),
+                path: r.uri.path(),
                 traceparent: r.traceparent.as_ref().and_then(|t| t.to_str().ok()),
                 upstream: r.target.as_ref().map(|t| t.addr.to_string()),
                 duration: r.duration,

@@ -194,8 +194,8 @@ impl Recorder {
             record: RequestRecord {
                 target: None,
                 method,
-                path: Default::default(),
-                authority: None,
+                uri: Default::default(),
+                host: None,
                 traceparent: None,
                 response_code: 0,
                 grpc_status: None,

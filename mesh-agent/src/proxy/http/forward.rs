@@ -154,12 +154,9 @@ impl<C: Connector> Forwarder<C> {
         let on_client_upgrade = (self.downstream == HttpVersion::Http1 && wants_upgrade(&request))
             .then(|| hyper::upgrade::on(&mut request));
         let (mut head, body) = request.into_parts();
-        // For the access log: cheap clones (reference-counted bytes).
-        recorder.record.path = head.uri.path().into();
-        recorder.record.authority = head.uri.authority().map(|a| a.as_str().into()).or_else(|| {
-            let host = head.headers.get(http::header::HOST)?;
-            host.to_str().ok().map(Into::into)
-        });
+        // For the access log: reference-counted clones, no copy of the bytes.
+        recorder.record.uri = head.uri.clone();
+        recorder.record.host = head.headers.get(http::header::HOST).cloned();
         let Some(decision) = self.router.route(&head) else {
             return self.local_reply(recorder, StatusCode::NOT_FOUND, flags::NO_ROUTE, grpc);
         };

@@ -260,17 +260,11 @@ fn decision(name: &str, addr: SocketAddr) -> Decision {
     } else {
         HttpVersion::Http1
     };
-    Decision {
-        target: Target {
-            name: name.into(),
-            addr,
-            version,
-        },
-        per_try_timeout: None,
-        request_timeout: None,
-        max_retries: 0,
-        retry_on: RetryOn::default(),
-    }
+    Decision::to(Target {
+        name: name.into(),
+        addr,
+        version,
+    })
 }
 
 fn retrying(mut d: Decision, max_retries: u32) -> Decision {
