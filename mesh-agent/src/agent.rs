@@ -43,7 +43,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     // The programs are loaded (not attached) first because the metrics read their counters;
     // trust material is checked next, so an expired anchor or issuer stops the agent before any
     // task is touched.
-    let capture = Arc::new(Capture::load(kernel_log_level())?);
+    let capture = Arc::new(Capture::load(kernel_log_level(), &host.cgroup2_root)?);
     let metrics = Arc::new(Metrics::new(capture.clone()));
     if let Some(path) = &config.agent.access_log {
         metrics.open_access_log(path).with_context(|| {

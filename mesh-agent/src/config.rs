@@ -139,6 +139,13 @@ pub struct CaptureSettings {
     pub exclude_ports: Vec<u16>,
     /// Destination networks never captured.
     pub exclude_cidrs: Vec<Cidr>,
+    /// Carry the app <-> agent loopback legs with the kernel's socket-map redirect (sock_ops +
+    /// sk_msg) instead of loopback TCP. Applies to connections established after a change.
+    /// Off by default: on the kernels measured, a *blocking* read on a redirected app socket
+    /// can fail with EAGAIN when the socket is woken without data (e.g. when the app's own
+    /// half-close is acknowledged); apps that wait with poll/epoll are not affected. See
+    /// docs/benchmarks.md.
+    pub loopback_redirect: bool,
 }
 
 /// Mesh-wide defaults for authorization and for destinations that are not meshed.
@@ -779,6 +786,14 @@ mod tests {
             })
         );
         assert_eq!(c.tasks[1].netns_path(), PathBuf::from("/proc/42/ns/net"));
+        assert!(!c.capture.loopback_redirect, "the redirect is opt-in");
+        let on = FULL.replace(
+            "exclude_ports = [22]",
+            "exclude_ports = [22]\nloopback_redirect = true",
+        );
+        assert!(Config::parse(&on).unwrap().capture.loopback_redirect);
+        let bad = FULL.replace("exclude_ports = [22]", "loopback_redirect = \"yes\"");
+        assert!(Config::parse(&bad).is_err());
     }
 
     #[test]

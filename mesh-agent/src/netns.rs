@@ -17,6 +17,10 @@ use anyhow::{Context, anyhow, bail};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Called with every socket [`NetnsWorker::tcp_socket`] hands out, before it connects (the
+/// capture module registers them for the loopback redirect).
+pub type NewSocketHook = Arc<dyn Fn(&TcpStream) + Send + Sync>;
+
 /// Unconnected IPv4 sockets made ahead in the netns: a connect takes one without a round trip
 /// to the worker thread (two thread wake-ups, tens of microseconds on a busy VM), and the worker
 /// makes more in the background when they run low.
@@ -28,6 +32,7 @@ pub struct NetnsWorker {
     jobs: mpsc::Sender<Job>,
     path: PathBuf,
     spare: Arc<Spare>,
+    on_new_socket: Option<NewSocketHook>,
 }
 
 #[derive(Default)]
@@ -39,7 +44,11 @@ struct Spare {
 impl NetnsWorker {
     /// Opens `netns_path` and starts the worker thread inside it. Fails, naming the path, if the
     /// namespace does not exist or is not a network namespace.
-    pub fn spawn(label: &str, netns_path: &Path) -> anyhow::Result<NetnsWorker> {
+    pub fn spawn(
+        label: &str,
+        netns_path: &Path,
+        on_new_socket: Option<NewSocketHook>,
+    ) -> anyhow::Result<NetnsWorker> {
         let ns = File::open(netns_path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => anyhow!(
                 "network namespace {} does not exist (has the task stopped?)",
@@ -80,6 +89,7 @@ impl NetnsWorker {
                 jobs,
                 path: netns_path.to_owned(),
                 spare: Arc::default(),
+                on_new_socket,
             }),
             Ok(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
                 bail!("{} is not a network namespace", netns_path.display())
@@ -138,10 +148,19 @@ impl NetnsWorker {
                 self.refill();
             }
             if let Some(socket) = taken {
+                self.announce(&socket);
                 return Ok(socket);
             }
         }
-        Ok(self.run(move || new_tcp_socket(ipv6)).await??)
+        let socket = self.run(move || new_tcp_socket(ipv6)).await??;
+        self.announce(&socket);
+        Ok(socket)
+    }
+
+    fn announce(&self, socket: &TcpStream) {
+        if let Some(hook) = &self.on_new_socket {
+            hook(socket);
+        }
     }
 
     /// Asks the worker for more spare sockets, unless it is already making them.

@@ -19,7 +19,7 @@ use crate::certs::WorkloadSlot;
 use crate::config::{AgentSettings, TaskSpec};
 use crate::identity::RoleArn;
 use crate::metrics::{Metrics, UNKNOWN};
-use crate::netns::{NetnsWorker, netns_cookie};
+use crate::netns::{NetnsWorker, NewSocketHook, netns_cookie};
 use crate::proxy::{ConnectionSet, Mesh, OutboundContext, serve_outbound};
 use crate::tunnel::{InboundContext, Scope, serve_inbound};
 
@@ -286,7 +286,9 @@ impl TaskManager {
         cgroup: &Path,
         early: Option<Attachment>,
     ) -> anyhow::Result<RunningTask> {
-        let netns = match NetnsWorker::spawn(&spec.id, &spec.netns_path()) {
+        let capture = self.capture.clone();
+        let register_dial: NewSocketHook = Arc::new(move |s| capture.register_dial(s));
+        let netns = match NetnsWorker::spawn(&spec.id, &spec.netns_path(), Some(register_dial)) {
             Ok(n) => Arc::new(n),
             Err(e) => {
                 if let Some(a) = early {

@@ -88,6 +88,55 @@ pub struct Settings {
 pub const SETTINGS_CAPTURE_ALL: u32 = 1 << 0;
 /// Settings have been written by the agent. Until then the programs capture nothing.
 pub const SETTINGS_READY: u32 = 1 << 1;
+/// Put both ends of the app <-> agent loopback connections into `SOCKETS`, so that `sk_msg`
+/// hands each write straight to the peer socket's receive queue instead of sending it through
+/// the loopback TCP stack. Only connections established while the flag is set are affected.
+pub const SETTINGS_LOOPBACK_REDIRECT: u32 = 1 << 2;
+
+/// Capacity of the socket map used by the loopback redirect (each redirected connection holds
+/// two entries) and of the map of its sockets that must keep sending over TCP. A full map only
+/// means a connection keeps using loopback TCP.
+pub const SOCKET_MAP_ENTRIES: u32 = 65_536;
+/// Capacity of the maps that carry an agent socket from just before its `connect()` to the
+/// connection being established (`AGENT_DIALS`) and from there to the peer's end being
+/// established (`AGENT_PEERS`): dials in flight, microseconds to a connect timeout each. Both
+/// are LRU (preallocated kernel memory, hence small): a burst beyond this only evicts the
+/// oldest, and an evicted entry only means that connection is not redirected.
+pub const HANDSHAKE_MAP_ENTRIES: u32 = 4_096;
+
+/// One end of a TCP connection, as both ends and `sk_msg` can compute it: the netns and the
+/// four-tuple seen from this socket. IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`), so a
+/// dual-stack socket and a plain IPv4 socket of one connection agree. The peer's key is this one
+/// with local and remote swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    /// Network order.
+    pub local_ip: [u8; 16],
+    /// Network order.
+    pub remote_ip: [u8; 16],
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    #[inline(always)]
+    pub fn peer(&self) -> SockKey {
+        SockKey {
+            netns_cookie: self.netns_cookie,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
 
 /// Entries of `READY_NETNS`: task netns whose outbound listeners are up.
 pub const READY_NETNS_ENTRIES: u32 = 16_384;
@@ -112,8 +161,18 @@ pub mod stat {
     /// Would have been captured, but the agent's listener in the socket's netns is not up yet
     /// (the task's cgroup got programs before its first process created the netns).
     pub const BYPASS_NO_LISTENER: u32 = 11;
+    /// A loopback-leg socket was put into the redirect map (two per redirected connection).
+    pub const REDIRECT_SOCKET_ADDED: u32 = 12;
+    /// A socket could not be put into the redirect map (full, or the kernel refused it): that
+    /// connection keeps using loopback TCP. Also counts a send refused because the map of
+    /// sockets that must keep using TCP was full (never expected: it is as large as the
+    /// redirect map).
+    pub const REDIRECT_ADD_FAILED: u32 = 13;
+    /// A redirected socket wrote before its peer was in the map (or after the peer closed); that
+    /// direction of the connection stays on TCP from then on, so bytes cannot overtake each other.
+    pub const REDIRECT_PEER_MISSING: u32 = 14;
     /// Number of slots; keep in step with [`NAMES`].
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 15;
 
     /// Metric label for each slot, indexed by the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -129,6 +188,9 @@ pub mod stat {
         "original_dst_recorded",
         "original_dst_save_failed",
         "bypass_no_listener",
+        "redirect_socket_added",
+        "redirect_add_failed",
+        "redirect_peer_missing",
     ];
 }
 
@@ -141,6 +203,7 @@ mod pod {
     unsafe impl aya::Pod for super::DestV4 {}
     unsafe impl aya::Pod for super::DestV6 {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 // The kernel and user space must agree on these layouts byte for byte; a field change that
@@ -152,4 +215,5 @@ const _: () = {
     assert!(core::mem::size_of::<DestV4>() == 8);
     assert!(core::mem::size_of::<DestV6>() == 24);
     assert!(core::mem::size_of::<Settings>() == 16);
+    assert!(core::mem::size_of::<SockKey>() == 48);
 };

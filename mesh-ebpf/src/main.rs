@@ -10,28 +10,39 @@
 //! * `cgroup/getpeername4` and `getpeername6` answer `getpeername()` on a captured socket with
 //!   the original destination, so the application sees the peer it connected to, not the agent.
 //!
+//! * Loopback redirect (switchable, `SETTINGS_LOOPBACK_REDIRECT`): the two loopback legs of a
+//!   meshed connection (app -> agent outbound listener, agent -> app inbound delivery) have both
+//!   ends on this host in one netns. `sock_ops` puts both ends into the `SOCKETS` hash as they
+//!   become established, and `sk_msg` (attached to that hash) hands every write straight to the
+//!   peer socket's receive queue, skipping the loopback TCP/IP stack. The app-side ends are
+//!   seen by the task cgroup's `record_original_dst`; the agent-side ends by
+//!   `redirect_agent_sockets`, attached to the agent's own cgroup.
+//!
 //! The programs never refuse a connect: on any internal failure the connection simply goes to its
 //! original destination uncaptured (fail open) and a counter says so.
 #![no_std]
 #![no_main]
 
 use core::ffi::c_void;
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_ANY, BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, bpf_sock_addr, sk_action,
     },
     helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use mesh_common::{
-    ConnKey, DestV4, DestV6, EXCLUDED_PORT_ENTRIES, FAMILY_V4, FAMILY_V6, NETNS_LISTENER_V4,
-    NETNS_LISTENER_V6, ORIGINAL_DST_MAP_ENTRIES, OriginalDst, READY_NETNS_ENTRIES,
-    RULE_MAP_ENTRIES, SETTINGS_CAPTURE_ALL, SETTINGS_READY, Settings, stat,
+    ConnKey, DestV4, DestV6, EXCLUDED_PORT_ENTRIES, FAMILY_V4, FAMILY_V6, HANDSHAKE_MAP_ENTRIES,
+    NETNS_LISTENER_V4, NETNS_LISTENER_V6, ORIGINAL_DST_MAP_ENTRIES, OriginalDst,
+    READY_NETNS_ENTRIES, RULE_MAP_ENTRIES, SETTINGS_CAPTURE_ALL, SETTINGS_LOOPBACK_REDIRECT,
+    SETTINGS_READY, SOCKET_MAP_ENTRIES, Settings, SockKey, stat,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -88,6 +99,29 @@ static DST_BY_COOKIE: LruHashMap<u64, OriginalDst> =
 #[map]
 static DST_BY_CONN: LruHashMap<ConnKey, OriginalDst> =
     LruHashMap::with_max_entries(ORIGINAL_DST_MAP_ENTRIES, 0);
+
+/// Both ends of redirected loopback legs, by [`SockKey`]. `redirect_to_peer` runs on every write
+/// of a socket in this map. The kernel removes a socket when it closes.
+#[map]
+static SOCKETS: SockHash<SockKey> = SockHash::with_max_entries(SOCKET_MAP_ENTRIES, 0);
+
+/// Sockets of the agent (by socket cookie) that it will connect to a task's own app: registered
+/// by the agent when it makes the socket, consumed when the connection is established.
+#[map]
+static AGENT_DIALS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(HANDSHAKE_MAP_ENTRIES, 0);
+
+/// App-side keys of connections whose agent end is in `SOCKETS`, waiting for the app's accepted
+/// socket to be established (it always is after the agent's end).
+#[map]
+static AGENT_PEERS: LruHashMap<SockKey, u8> =
+    LruHashMap::with_max_entries(HANDSHAKE_MAP_ENTRIES, 0);
+
+/// Redirected sockets that wrote while their peer was not in `SOCKETS`: those bytes went over
+/// TCP, so every later write of that socket must too, or it could overtake them (the receiver
+/// reads redirected data before TCP data). Removed when the socket closes.
+#[map]
+static SEND_VIA_TCP: HashMap<SockKey, u8> =
+    HashMap::with_max_entries(SOCKET_MAP_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[inline(always)]
 fn count(slot: u32) {
@@ -331,6 +365,19 @@ pub fn record_original_dst(ctx: SockOpsContext) -> u32 {
         if ctx.arg(1) == BPF_TCP_CLOSE {
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
             let _ = DST_BY_COOKIE.remove(&cookie);
+            forget_closed(&ctx);
+        }
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // The app accepted a connection: redirected if the agent's dialling end is waiting.
+        if redirect_on() {
+            if let Some(mut key) = ops_key(&ctx) {
+                if AGENT_PEERS.get_ptr(&key).is_some() {
+                    let _ = AGENT_PEERS.remove(&key);
+                    add_to_redirect(&ctx, &mut key);
+                }
+            }
         }
         return 1;
     }
@@ -364,6 +411,12 @@ pub fn record_original_dst(ctx: SockOpsContext) -> u32 {
     }
     // Ask for state changes of this socket only, to delete its cookie entry on close.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    // The app's end of the outbound leg; the agent's accepted end follows (it needs our ACK).
+    if redirect_on() {
+        if let Some(mut key) = ops_key(&ctx) {
+            add_to_redirect(&ctx, &mut key);
+        }
+    }
     1
 }
 
@@ -409,6 +462,246 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
         sa.user_port = u32::from(dst.port.to_be());
     }
     ALLOW
+}
+
+/// Whether the loopback redirect is switched on (read per established connection, so a reload
+/// takes effect for new connections).
+#[inline(always)]
+fn redirect_on() -> bool {
+    matches!(SETTINGS.get(0), Some(s) if s.flags & SETTINGS_READY != 0 && s.flags & SETTINGS_LOOPBACK_REDIRECT != 0)
+}
+
+/// An IPv4 address as the kernel's context gives it (network order, read as a native u32),
+/// v4-mapped.
+#[inline(always)]
+fn mapped_v4(ip4: u32) -> [u8; 16] {
+    let b = ip4.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+#[inline(always)]
+fn v6_octets(words: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        words[0].to_ne_bytes(),
+        words[1].to_ne_bytes(),
+        words[2].to_ne_bytes(),
+        words[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+/// The remote port of a sock_ops or sk_msg context. The kernel stores it in network order and,
+/// on little-endian machines, shifted into the upper half of the u32 (older kernels left it in
+/// the lower half); whichever half holds it, the other is zero.
+#[inline(always)]
+fn remote_port(raw: u32) -> u16 {
+    u16::from_be(((raw >> 16) as u16) | (raw as u16))
+}
+
+#[inline(always)]
+fn is_loopback(ip: &[u8; 16]) -> bool {
+    let v4_mapped_127 = ip[..10] == [0; 10] && ip[10] == 0xff && ip[11] == 0xff && ip[12] == 127;
+    v4_mapped_127 || *ip == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+}
+
+/// This socket's [`SockKey`], or `None` for a family other than IPv4/IPv6.
+#[inline(always)]
+fn ops_key(ctx: &SockOpsContext) -> Option<SockKey> {
+    // SAFETY: `ops` is the context the kernel passed to this program. Every field is read, on its
+    // own and before any branch, at a constant offset from the context pointer: the verifier
+    // rejects reads through a derived pointer, which the compiler makes of copied arrays or of
+    // reads it shares between branches.
+    let ops = ctx.ops;
+    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_ip4),
+            read_volatile(&(*ops).remote_ip4),
+            [
+                read_volatile(&(*ops).local_ip6[0]),
+                read_volatile(&(*ops).local_ip6[1]),
+                read_volatile(&(*ops).local_ip6[2]),
+                read_volatile(&(*ops).local_ip6[3]),
+            ],
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ],
+        )
+    };
+    let (local_ip, remote_ip) = match family {
+        AF_INET => (mapped_v4(local_ip4), mapped_v4(remote_ip4)),
+        AF_INET6 => (v6_octets(local_ip6), v6_octets(remote_ip6)),
+        _ => return None,
+    };
+    Some(SockKey {
+        // SAFETY: the helper only reads the context the kernel passed to this program.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) },
+        local_ip,
+        remote_ip,
+        // SAFETY: as above.
+        local_port: unsafe { read_volatile(&(*ops).local_port) } as u16,
+        remote_port: remote_port(unsafe { read_volatile(&(*ops).remote_port) }),
+        _pad: 0,
+    })
+}
+
+/// Puts an established socket into `SOCKETS`, and asks for its state changes so its
+/// `SEND_VIA_TCP` entry, if it gets one, is removed when it closes.
+#[inline(always)]
+fn add_to_redirect(ctx: &SockOpsContext, key: &mut SockKey) {
+    // SAFETY: `ops` is the context the kernel passed to this program.
+    let ops = unsafe { &mut *ctx.ops };
+    if SOCKETS.update(key, ops, BPF_ANY as u64).is_ok() {
+        count(stat::REDIRECT_SOCKET_ADDED);
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    } else {
+        count(stat::REDIRECT_ADD_FAILED);
+    }
+}
+
+/// On close: a socket that had to keep sending over TCP no longer needs its entry.
+#[inline(always)]
+fn forget_closed(ctx: &SockOpsContext) {
+    if let Some(key) = ops_key(ctx) {
+        let _ = SEND_VIA_TCP.remove(&key);
+    }
+}
+
+/// The agent's ends of loopback legs. Attached to the agent's own cgroup (not to tasks), and
+/// precise even if that cgroup contains other processes: it acts only on sockets of this agent's
+/// task netns, on the accepted side of its outbound listener, or on dials the agent registered.
+#[sock_ops]
+pub fn redirect_agent_sockets(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_STATE_CB {
+        if ctx.arg(1) == BPF_TCP_CLOSE {
+            forget_closed(&ctx);
+        }
+        return 1;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return 1;
+    }
+    let settings = match SETTINGS.get(0) {
+        Some(s) if s.flags & SETTINGS_READY != 0 && s.flags & SETTINGS_LOOPBACK_REDIRECT != 0 => *s,
+        _ => return 1,
+    };
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // SAFETY: the helper only reads the context the kernel passed to this program.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+        if AGENT_DIALS.get_ptr(cookie).is_none() {
+            return 1;
+        }
+        let _ = AGENT_DIALS.remove(&cookie);
+        let Some(mut key) = ops_key(&ctx) else {
+            return 1;
+        };
+        // A connection to one of the netns's own addresses: inbound delivery to the task's app.
+        // Tunnels and direct connections to other hosts are left alone.
+        if key.local_ip != key.remote_ip || !netns_ready(key.netns_cookie) {
+            return 1;
+        }
+        // The app's end is established after this one (it needs our ACK): it looks itself up.
+        if AGENT_PEERS.insert(&key.peer(), &1, 0).is_err() {
+            count(stat::REDIRECT_ADD_FAILED);
+            return 1;
+        }
+        add_to_redirect(&ctx, &mut key);
+    } else {
+        let Some(mut key) = ops_key(&ctx) else {
+            return 1;
+        };
+        // Accepted by the agent's outbound listener: the app's end was added by the task's
+        // program when it became established, before this end existed.
+        if key.local_port == settings.outbound_port
+            && is_loopback(&key.local_ip)
+            && netns_ready(key.netns_cookie)
+        {
+            add_to_redirect(&ctx, &mut key);
+        }
+    }
+    1
+}
+
+#[inline(always)]
+fn netns_ready(netns_cookie: u64) -> bool {
+    READY_NETNS.get_ptr(netns_cookie).is_some()
+}
+
+/// This socket's [`SockKey`] as `sk_msg` sees it.
+#[inline(always)]
+fn msg_key(ctx: &SkMsgContext) -> Option<SockKey> {
+    // SAFETY: `msg` is the context the kernel passed to this program; fields are read one by one
+    // at constant offsets (see `ops_key`), and the verifier turns them into reads of the socket.
+    let md = ctx.msg;
+    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6) = unsafe {
+        (
+            read_volatile(&(*md).family),
+            read_volatile(&(*md).local_ip4),
+            read_volatile(&(*md).remote_ip4),
+            [
+                read_volatile(&(*md).local_ip6[0]),
+                read_volatile(&(*md).local_ip6[1]),
+                read_volatile(&(*md).local_ip6[2]),
+                read_volatile(&(*md).local_ip6[3]),
+            ],
+            [
+                read_volatile(&(*md).remote_ip6[0]),
+                read_volatile(&(*md).remote_ip6[1]),
+                read_volatile(&(*md).remote_ip6[2]),
+                read_volatile(&(*md).remote_ip6[3]),
+            ],
+        )
+    };
+    let (local_ip, remote_ip) = match family {
+        AF_INET => (mapped_v4(local_ip4), mapped_v4(remote_ip4)),
+        AF_INET6 => (v6_octets(local_ip6), v6_octets(remote_ip6)),
+        _ => return None,
+    };
+    Some(SockKey {
+        // SAFETY: as above.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.msg as *mut c_void) },
+        local_ip,
+        remote_ip,
+        // SAFETY: as above.
+        local_port: unsafe { read_volatile(&(*md).local_port) } as u16,
+        remote_port: remote_port(unsafe { read_volatile(&(*md).remote_port) }),
+        _pad: 0,
+    })
+}
+
+/// Every write of a socket in `SOCKETS`: straight into the peer's receive queue when the peer is
+/// in the map, else over TCP as usual, and then over TCP for the rest of the socket's life.
+#[sk_msg]
+pub fn redirect_to_peer(ctx: SkMsgContext) -> u32 {
+    const PASS: u32 = sk_action::SK_PASS;
+    let Some(key) = msg_key(&ctx) else {
+        return PASS;
+    };
+    if SEND_VIA_TCP.get_ptr(&key).is_some() {
+        return PASS;
+    }
+    let mut peer = key.peer();
+    if SOCKETS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == PASS as i64 {
+        return PASS;
+    }
+    // The peer is not (or no longer) in the map. These bytes go over TCP; were a later write
+    // redirected, it would be read before them. If that cannot be recorded, refusing the write
+    // (the app sees an error) is better than reordering its bytes without anyone knowing.
+    if SEND_VIA_TCP.insert(&key, &1, 0).is_err() {
+        count(stat::REDIRECT_ADD_FAILED);
+        return sk_action::SK_DROP;
+    }
+    count(stat::REDIRECT_PEER_MISSING);
+    PASS
 }
 
 #[cfg(not(test))]

@@ -50,6 +50,11 @@ enum Task {
         /// Shorter runs, fewer rounds, smaller bulk transfer and idle-connection counts.
         #[arg(long)]
         quick: bool,
+        /// Run the agents with `capture.loopback_redirect = true` (the sock_ops + sk_msg
+        /// socket-map redirect of the app <-> agent loopback legs), for an A/B against a run
+        /// without it.
+        #[arg(long)]
+        loopback_redirect: bool,
     },
 }
 
@@ -114,7 +119,10 @@ fn run(task: Task) -> anyhow::Result<()> {
             let built = workspace::build(&root, Profile::Debug)?;
             demo::run(&root, &built.agent_bin)
         }
-        Task::Bench { quick } => bench::run(&root, quick),
+        Task::Bench {
+            quick,
+            loopback_redirect,
+        } => bench::run(&root, quick, loopback_redirect),
     }
 }
 

@@ -5,24 +5,27 @@
 //! kernel detaches the programs when the agent exits, even if it is killed: a crashed agent can
 //! not leave tasks redirected to a listener that no longer exists.
 
+mod redirect;
 mod rules;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, anyhow};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockHash};
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+    CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
     cgroup_sock_addr::CgroupSockAddrLinkId, sock_ops::SockOpsLinkId,
 };
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{
-    ConnKey, FAMILY_V4, FAMILY_V6, OriginalDst, SETTINGS_CAPTURE_ALL, SETTINGS_READY, Settings,
-    stat,
+    ConnKey, FAMILY_V4, FAMILY_V6, OriginalDst, SETTINGS_CAPTURE_ALL, SETTINGS_LOOPBACK_REDIRECT,
+    SETTINGS_READY, Settings, SockKey, stat,
 };
+use tracing::{info, warn};
 
 use crate::config::{CaptureMode, CaptureSettings};
 
@@ -34,6 +37,9 @@ const PROG_SOCK_OPS: &str = "record_original_dst";
 /// socket is never captured without its peer address being restored.
 const SOCK_ADDR_V4: [&str; 2] = ["restore_peer4", "capture_connect4"];
 const SOCK_ADDR_V6: [&str; 2] = ["restore_peer6", "capture_connect6"];
+/// The loopback redirect: `sock_ops` for the agent's own cgroup, `sk_msg` for the socket map.
+const PROG_AGENT_SOCK_OPS: &str = "redirect_agent_sockets";
+const PROG_SK_MSG: &str = "redirect_to_peer";
 
 /// Loaded programs and maps. One per agent.
 pub struct Capture {
@@ -44,6 +50,25 @@ pub struct Capture {
     /// Which task netns have outbound listeners; the connect hooks capture only there.
     ready_netns: Mutex<HashMap<MapData, u64, u32>>,
     stats: PerCpuArray<MapData, u64>,
+    /// Sockets the agent made in task netns (by cookie), so the kernel can tell the agent's
+    /// dials from other sockets; see [`Capture::register_dial`].
+    agent_dials: Mutex<HashMap<MapData, u64, u8>>,
+    cgroup2_root: PathBuf,
+    /// The loopback redirect's state; see [`Capture::apply_rules`].
+    redirect: Mutex<RedirectState>,
+    /// Whether the redirect's programs are attached; read for every socket a netns worker
+    /// hands out. While they are, sockets are registered even with the redirect switched off
+    /// (the kernel checks the switch when the connection is established).
+    redirect_attached: AtomicBool,
+}
+
+/// Where the loopback redirect stands. Its programs are attached on the first configuration
+/// that asks for it and stay attached (switching it off only clears the settings flag).
+enum RedirectState {
+    NotAttached,
+    Attached,
+    /// The kernel refused a program or an attachment; said once, not retried.
+    Unavailable,
 }
 
 /// The programs attached to one task cgroup; give it back to [`Capture::detach`].
@@ -58,7 +83,7 @@ pub struct Attachment {
 impl Capture {
     /// Loads and verifies every program. `kernel_log_level` is the aya-log level compiled into
     /// the programs' log statements (0 = off, 4 = debug).
-    pub fn load(kernel_log_level: u8) -> anyhow::Result<Capture> {
+    pub fn load(kernel_log_level: u8, cgroup2_root: &Path) -> anyhow::Result<Capture> {
         let mut ebpf = EbpfLoader::new()
             .override_global("AYA_LOG_LEVEL", &kernel_log_level, true)
             .load(EBPF_OBJECT)
@@ -73,11 +98,16 @@ impl Capture {
         let dst_by_conn = HashMap::try_from(take_map(&mut ebpf, "DST_BY_CONN")?)?;
         let ready_netns = HashMap::try_from(take_map(&mut ebpf, "READY_NETNS")?)?;
         let stats = PerCpuArray::try_from(take_map(&mut ebpf, "STATS")?)?;
+        let agent_dials = HashMap::try_from(take_map(&mut ebpf, "AGENT_DIALS")?)?;
         Ok(Capture {
             control: Mutex::new(ebpf),
             dst_by_conn: Mutex::new(dst_by_conn),
             ready_netns: Mutex::new(ready_netns),
             stats,
+            agent_dials: Mutex::new(agent_dials),
+            cgroup2_root: cgroup2_root.to_owned(),
+            redirect: Mutex::new(RedirectState::NotAttached),
+            redirect_attached: AtomicBool::new(false),
         })
     }
 
@@ -100,6 +130,9 @@ impl Capture {
         if settings.mode == CaptureMode::All {
             flags |= SETTINGS_CAPTURE_ALL;
         }
+        if settings.loopback_redirect && self.redirect_in_place(&mut ebpf) {
+            flags |= SETTINGS_LOOPBACK_REDIRECT;
+        }
         let node = Settings {
             flags,
             outbound_port,
@@ -115,6 +148,46 @@ impl Capture {
             .set(0, node, 0)
             .context("cannot write the SETTINGS map")?;
         Ok(())
+    }
+
+    /// Attaches the loopback redirect's programs unless they are already in place (or the kernel
+    /// refused them before). Returns whether they are in place. A refusal is a warning, not an
+    /// error: connections then use loopback TCP, as with the redirect switched off.
+    fn redirect_in_place(&self, ebpf: &mut Ebpf) -> bool {
+        let mut state = self.redirect.lock().unwrap_or_else(|p| p.into_inner());
+        match *state {
+            RedirectState::Attached => return true,
+            RedirectState::Unavailable => return false,
+            RedirectState::NotAttached => {}
+        }
+        match attach_redirect(ebpf, &self.cgroup2_root) {
+            Ok(cgroup) => {
+                self.redirect_attached.store(true, Ordering::Release);
+                info!(agent_cgroup = %cgroup.display(), "loopback redirect in place: writes on the app <-> agent loopback legs go straight to the peer socket");
+                *state = RedirectState::Attached;
+                true
+            }
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "loopback redirect unavailable; the app <-> agent legs use loopback TCP (capture.loopback_redirect has no effect)");
+                *state = RedirectState::Unavailable;
+                false
+            }
+        }
+    }
+
+    /// Records a socket the agent made in a task netns, before it connects: if it connects to
+    /// the task's own app, the kernel redirects that loopback leg (when the redirect is on).
+    /// Costs two system calls per connect, and nothing unless the redirect was ever switched
+    /// on. Failures only mean that connection is not redirected.
+    pub fn register_dial(&self, socket: &impl AsRawFd) {
+        if !self.redirect_attached.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(cookie) = redirect::socket_cookie(socket) else {
+            return;
+        };
+        let mut map = self.agent_dials.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = map.insert(cookie, 1, 0);
     }
 
     /// Tells the connect hooks that the outbound listeners of the netns with this cookie are up
@@ -206,6 +279,43 @@ impl Capture {
         }
         out
     }
+}
+
+/// Attaches `sk_msg` to the socket map and the agent-side `sock_ops` to this process's cgroup
+/// (both live as long as this process). Returns the cgroup.
+fn attach_redirect(ebpf: &mut Ebpf, cgroup2_root: &Path) -> anyhow::Result<PathBuf> {
+    let cgroup = redirect::own_cgroup(cgroup2_root)
+        .context("cannot find the agent's own cgroup for its sock_ops program")?;
+    for name in [PROG_AGENT_SOCK_OPS, PROG_SK_MSG] {
+        let loaded = match name {
+            PROG_SK_MSG => program::<SkMsg>(ebpf, name)?.load(),
+            _ => program::<SockOps>(ebpf, name)?.load(),
+        };
+        match loaded {
+            Ok(()) | Err(ProgramError::AlreadyLoaded) => {}
+            Err(e) => return Err(load_error(name, e)),
+        }
+    }
+    let map_fd = {
+        let sockets: SockHash<_, SockKey> = SockHash::try_from(
+            ebpf.map("SOCKETS")
+                .ok_or_else(|| anyhow!("eBPF object has no SOCKETS map"))?,
+        )?;
+        sockets
+            .fd()
+            .try_clone()
+            .context("cannot duplicate the SOCKETS map fd")?
+    };
+    program::<SkMsg>(ebpf, PROG_SK_MSG)?
+        .attach(&map_fd)
+        .context("cannot attach sk_msg to the SOCKETS map")?;
+    let dir = std::fs::File::open(&cgroup)
+        .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?;
+    // Links coexist with other links on the cgroup: other agents (tests, a rolling update).
+    program::<SockOps>(ebpf, PROG_AGENT_SOCK_OPS)?
+        .attach(dir.as_fd(), CgroupAttachMode::Single)
+        .with_context(|| format!("cannot attach sock_ops to cgroup {}", cgroup.display()))?;
+    Ok(cgroup)
 }
 
 /// The reverse of attach: redirects first, sock_ops last. Tries every link even if one fails.
@@ -302,5 +412,28 @@ mod tests {
         );
         let bad = OriginalDst { family: 99, ..v6 };
         assert_eq!(original_to_socket_addr(&bad), None);
+    }
+
+    #[test]
+    fn a_sockets_peer_key_names_the_other_end_of_the_same_connection() {
+        let app = SockKey {
+            netns_cookie: 7,
+            local_ip: Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets(),
+            remote_ip: Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets(),
+            local_port: 41804,
+            remote_port: 15001,
+            _pad: 0,
+        };
+        let agent = app.peer();
+        assert_eq!((agent.local_port, agent.remote_port), (15001, 41804));
+        assert_eq!(agent.netns_cookie, 7, "a peer is always in the same netns");
+        assert_eq!(agent.peer(), app);
+        let delivery = SockKey {
+            local_ip: Ipv4Addr::new(198, 18, 2, 2).to_ipv6_mapped().octets(),
+            remote_ip: Ipv4Addr::new(198, 18, 1, 2).to_ipv6_mapped().octets(),
+            ..app
+        };
+        assert_eq!(delivery.peer().local_ip, delivery.remote_ip);
+        assert_ne!(delivery.peer(), delivery);
     }
 }

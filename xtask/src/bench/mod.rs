@@ -52,7 +52,7 @@ fn catch_stop_signals() {
     }
 }
 
-pub fn run(root: &Path, quick: bool) -> Result<()> {
+pub fn run(root: &Path, quick: bool, loopback_redirect: bool) -> Result<()> {
     if !cmd::is_root() {
         bail!(
             "the benchmark needs root (network namespaces, cgroups, eBPF programs); re-run as root:\n    \
@@ -72,18 +72,33 @@ pub fn run(root: &Path, quick: bool) -> Result<()> {
     catch_stop_signals();
     let started = Instant::now();
     let plan = Plan::new(quick);
-    let command = format!("cargo xtask bench{}", if quick { " --quick" } else { "" });
+    let command = format!(
+        "cargo xtask bench{}{}",
+        if quick { " --quick" } else { "" },
+        if loopback_redirect {
+            " --loopback-redirect"
+        } else {
+            ""
+        }
+    );
     let mut results = Results::new(command, Machine::read(root), plan.json(), plan.text());
     let out_dir = root.join("target/bench");
-    let outcome =
-        measure(&built.agent_bin, &bench_bin, &plan, &mut results, &out_dir).map_err(|e| {
-            // Ctrl-C reaches the children too; what failed first because of it does not matter.
-            if interrupted() {
-                anyhow::anyhow!("interrupted")
-            } else {
-                e
-            }
-        });
+    let outcome = measure(
+        &built.agent_bin,
+        &bench_bin,
+        loopback_redirect,
+        &plan,
+        &mut results,
+        &out_dir,
+    )
+    .map_err(|e| {
+        // Ctrl-C reaches the children too; what failed first because of it does not matter.
+        if interrupted() {
+            anyhow::anyhow!("interrupted")
+        } else {
+            e
+        }
+    });
     results.took = started.elapsed();
     results.machine.load_after = report::loadavg();
     if let Err(e) = &outcome {
@@ -120,12 +135,13 @@ pub fn run(root: &Path, quick: bool) -> Result<()> {
 fn measure(
     agent_bin: &Path,
     bench_bin: &Path,
+    loopback_redirect: bool,
     plan: &Plan,
     results: &mut Results,
     out_dir: &Path,
 ) -> Result<()> {
-    let mut bed =
-        Testbed::start(agent_bin, bench_bin).context("setting up the benchmark testbed")?;
+    let mut bed = Testbed::start(agent_bin, bench_bin, loopback_redirect)
+        .context("setting up the benchmark testbed")?;
     cmd::say(format!(
         "testbed {} ready: {}",
         bed.id(),

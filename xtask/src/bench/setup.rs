@@ -110,7 +110,8 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    pub fn start(agent_bin: &Path, bench_bin: &Path) -> Result<Testbed> {
+    /// `loopback_redirect`: the agents' `capture.loopback_redirect`.
+    pub fn start(agent_bin: &Path, bench_bin: &Path, loopback_redirect: bool) -> Result<Testbed> {
         let topology = Topology::new().context("building the benchmark topology")?;
         let node1 = topology.add_node()?;
         let node2 = topology.add_node()?;
@@ -156,19 +157,28 @@ impl Testbed {
             wrapper: Vec::new(),
             env: Vec::new(),
         };
+        let capture = format!("[capture]\nloopback_redirect = {loopback_redirect}\n");
         let node1_config = MeshConfig::new(&trust)
             .task(mesh_client, "bench-client")
             .endpoint(mesh_server, "bench-server")
+            .raw(&capture)
             .render();
         let node2_config = MeshConfig::new(&trust)
             .task(mesh_server, "bench-server")
             .endpoint(mesh_client, "bench-client")
+            .raw(&capture)
             .render();
         let agents = vec![
             Agent::start_with(&node1, &node1_config, &launch)?,
             Agent::start_with(&node2, &node2_config, &launch)?,
         ];
         for agent in &agents {
+            // A redirect the kernel refused would make an A/B compare two runs without it.
+            ensure!(
+                !loopback_redirect || agent.log().contains("loopback redirect in place"),
+                "--loopback-redirect: the agent did not put the redirect in place:\n{}",
+                agent.log_tail(20)
+            );
             let comm = procs::comm(agent.pid())?;
             ensure!(
                 comm == "mesh-agent",

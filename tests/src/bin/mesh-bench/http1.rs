@@ -43,6 +43,7 @@ impl fmt::Display for Error {
 /// One client connection.
 pub struct Conn {
     stream: TcpStream,
+    timeout: Duration,
     buf: Vec<u8>,
     /// Bytes of `buf` holding data read but not yet consumed.
     filled: usize,
@@ -64,6 +65,7 @@ impl Conn {
         let stream = connect(target, timeout).map_err(Error::Connect)?;
         Ok(Conn {
             stream,
+            timeout,
             buf: vec![0; 16 * 1024],
             filled: 0,
             reusable: true,
@@ -106,19 +108,59 @@ impl Conn {
     }
 
     fn fill(&mut self) -> Result<(), Error> {
-        loop {
-            match self.stream.read(&mut self.buf[self.filled..]) {
-                Ok(0) => return Err(Error::Closed),
-                Ok(n) => {
-                    self.filled += n;
-                    return Ok(());
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::Io(e)),
+        match read_patiently(&mut self.stream, &mut self.buf[self.filled..], self.timeout) {
+            Ok(0) => Err(Error::Closed),
+            Ok(n) => {
+                self.filled += n;
+                Ok(())
             }
+            Err(e) => Err(Error::Io(e)),
         }
     }
 }
+
+/// A read that fails with a timeout only once `timeout` has passed. A blocking read on a
+/// socket in a BPF socket map (the agents' `capture.loopback_redirect`) can return EAGAIN
+/// early when the socket is woken without data; the benchmark must not count that as an
+/// error of the proxy.
+pub fn read_patiently(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> io::Result<usize> {
+    let started = std::time::Instant::now();
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && started.elapsed() < timeout =>
+            {
+                continue;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `read_exact` with [`read_patiently`].
+pub fn read_exact_patiently(
+    stream: &mut TcpStream,
+    mut buf: &mut [u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read_patiently(stream, buf, timeout)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
+}
+
+impl Conn {}
 
 /// The length of the response head including its blank line, once it is complete.
 fn find_head_end(buf: &[u8]) -> Option<usize> {

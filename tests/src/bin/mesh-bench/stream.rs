@@ -6,7 +6,7 @@
 //! clock stops at that answer, so buffers still in flight in the proxies cannot flatter the
 //! figure.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use anyhow::{Result, ensure};
 use serde_json::{Value, json};
 
 use crate::clock::now_ns;
-use crate::http1::connect;
+use crate::http1::{connect, read_exact_patiently};
 use crate::stats::{Latency, Tally};
 use crate::sys::{block_stop_signals, raise_nofile, wait_for_stop};
 use crate::{parse_addr, parse_duration};
@@ -107,7 +107,7 @@ fn transfer(opts: &BulkOptions) -> Result<()> {
         left -= n as u64;
     }
     let mut ack = [0u8; 8];
-    stream.read_exact(&mut ack)?;
+    read_exact_patiently(&mut stream, &mut ack, opts.timeout)?;
     let received = u64::from_be_bytes(ack);
     ensure!(
         received == opts.bytes,
@@ -124,14 +124,14 @@ fn open_and_exchange(
     payload: &[u8],
 ) -> io::Result<TcpStream> {
     let mut stream = connect(target, timeout)?;
-    exchange(&mut stream, payload)?;
+    exchange(&mut stream, payload, timeout)?;
     Ok(stream)
 }
 
-fn exchange(stream: &mut TcpStream, payload: &[u8]) -> io::Result<()> {
+fn exchange(stream: &mut TcpStream, payload: &[u8], timeout: Duration) -> io::Result<()> {
     stream.write_all(payload)?;
     let mut echoed = vec![0u8; payload.len()];
-    stream.read_exact(&mut echoed)?;
+    read_exact_patiently(stream, &mut echoed, timeout)?;
     if echoed != payload {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -263,12 +263,12 @@ pub fn idle(opts: IdleOptions) -> Result<Value> {
     let per_worker = streams.len().div_ceil(opts.parallel).max(1);
     std::thread::scope(|scope| {
         for chunk in streams.chunks_mut(per_worker) {
-            let (payload, alive, dead) = (&payload, &alive, &dead);
+            let (payload, alive, dead, timeout) = (&payload, &alive, &dead, opts.timeout);
             scope.spawn(move || {
                 let mut ok = 0;
                 let mut failed = Tally::default();
                 for stream in chunk {
-                    match exchange(stream, payload) {
+                    match exchange(stream, payload, timeout) {
                         Ok(()) => ok += 1,
                         Err(e) => failed.error(e),
                     }

@@ -2,9 +2,10 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -52,7 +53,13 @@ pub struct Options {
     connect: SocketAddr,
     timeout: Duration,
     mode: Mode,
+    /// `--io poll`: non-blocking sockets, waiting in poll(2) as event-loop programs do,
+    /// instead of blocking reads and writes (`--io blocking`, the default).
+    poll_io: bool,
 }
+
+/// With `--io poll`, how long one wait in poll(2) may last (the `--timeout`).
+static POLL_IO: OnceLock<Duration> = OnceLock::new();
 
 impl Options {
     pub fn from_args(args: &Args) -> Result<Self, String> {
@@ -103,20 +110,29 @@ impl Options {
             ),
             other => return Err(format!("unknown client mode {other:?}")),
         };
-        let mut all = vec!["connect", "mode", "timeout"];
+        let mut all = vec!["connect", "mode", "timeout", "io"];
         all.extend_from_slice(known);
         args.only(&all)?;
         let timeout = Duration::from_secs(args.optional("timeout")?.unwrap_or(30));
+        let poll_io = match args.optional::<String>("io")?.as_deref() {
+            None | Some("blocking") => false,
+            Some("poll") => true,
+            Some(other) => return Err(format!("--io {other:?}: expected blocking or poll")),
+        };
         Ok(Self {
             connect: args.required("connect")?,
             timeout,
             mode,
+            poll_io,
         })
     }
 }
 
 pub fn run(opts: Options) -> Result<()> {
     let started = Instant::now();
+    if opts.poll_io {
+        let _ = POLL_IO.set(opts.timeout);
+    }
     let summary = match opts.mode {
         Mode::HalfClose { send, expect } => {
             let (stream, addrs) = connect(&opts)?;
@@ -155,6 +171,7 @@ fn connect(opts: &Options) -> Result<(TcpStream, String)> {
     stream.set_read_timeout(Some(opts.timeout))?;
     stream.set_write_timeout(Some(opts.timeout))?;
     stream.set_nodelay(true)?;
+    stream.set_nonblocking(POLL_IO.get().is_some())?;
     let addrs = format!(
         "local={} peer={}",
         stream.local_addr()?,
@@ -174,8 +191,7 @@ fn send_pattern(stream: &mut TcpStream, len: u64, mut digest: Option<&mut Sha256
         if let Some(d) = digest.as_deref_mut() {
             d.update(&buf[..n]);
         }
-        stream
-            .write_all(&buf[..n])
+        write_all(stream, &buf[..n])
             .with_context(|| format!("write after {} of {len} bytes", len - left))?;
         left -= n as u64;
     }
@@ -277,8 +293,7 @@ fn hold(mut stream: TcpStream, duration: Duration) -> Result<u64> {
     while started.elapsed() < duration {
         // Fixed width, so every echo has a known length.
         let message = format!("hold {sent:012}\n");
-        stream
-            .write_all(message.as_bytes())
+        write_all(&mut stream, message.as_bytes())
             .with_context(|| format!("write message {sent}"))?;
         let mut echoed = vec![0u8; message.len()];
         read_exact(&mut stream, &mut echoed).with_context(|| {
@@ -295,10 +310,7 @@ fn hold(mut stream: TcpStream, duration: Duration) -> Result<u64> {
         thread::sleep(Duration::from_millis(100));
     }
     stream.shutdown(Shutdown::Write)?;
-    let mut rest = Vec::new();
-    stream
-        .read_to_end(&mut rest)
-        .context("read to EOF after the hold")?;
+    let rest = read_to_end(&mut stream).context("read to EOF after the hold")?;
     ensure!(
         rest.is_empty(),
         "{} unexpected bytes after the last echo",
@@ -405,7 +417,7 @@ fn long_lived(opts: &Options, held: usize, tally: &Tally, stop: &dyn Fn() -> boo
         let outcome = (|| -> Result<()> {
             while !stop() {
                 let message = format!("load {held:04} {sent:012}\n");
-                stream.write_all(message.as_bytes())?;
+                write_all(&mut stream, message.as_bytes())?;
                 let mut echoed = vec![0u8; message.len()];
                 read_exact(&mut stream, &mut echoed)?;
                 ensure!(echoed == message.as_bytes(), "came back altered");
@@ -415,8 +427,7 @@ fn long_lived(opts: &Options, held: usize, tally: &Tally, stop: &dyn Fn() -> boo
             }
             // A clean end: our FIN through, the echo server's FIN back, nothing else.
             stream.shutdown(Shutdown::Write)?;
-            let mut rest = Vec::new();
-            stream.read_to_end(&mut rest)?;
+            let rest = read_to_end(&mut stream)?;
             ensure!(
                 rest.is_empty(),
                 "{} unexpected bytes at the end",
@@ -437,11 +448,70 @@ fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> Result<usize> {
         match stream.read(buf) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && POLL_IO.get().is_some() => {
+                wait_for(stream, libc::POLLIN, "data")?
+            }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 bail!("timed out waiting for data")
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Everything up to EOF.
+fn read_to_end(stream: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut rest = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = read_some(stream, &mut buf)?;
+        if n == 0 {
+            return Ok(rest);
+        }
+        rest.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// `write_all`, waiting in poll(2) for room with `--io poll`.
+fn write_all(stream: &mut TcpStream, mut buf: &[u8]) -> Result<()> {
+    while !buf.is_empty() {
+        match stream.write(buf) {
+            Ok(0) => bail!("the connection accepts no more bytes"),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && POLL_IO.get().is_some() => {
+                wait_for(stream, libc::POLLOUT, "room to write")?
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                bail!("timed out waiting for room to write")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// One poll(2) for `events` on the socket, bounded by `--timeout`.
+fn wait_for(stream: &TcpStream, events: libc::c_short, what: &str) -> Result<()> {
+    let timeout = POLL_IO.get().copied().unwrap_or_default();
+    let mut fd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; the timeout is clamped to the int range.
+    let n = unsafe { libc::poll(&mut fd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+    match n {
+        0 => bail!("timed out waiting for {what}"),
+        n if n < 0 => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e.into())
+            }
+        }
+        _ => Ok(()),
     }
 }
 
@@ -463,7 +533,7 @@ fn greeting(mut stream: TcpStream, started: Instant) -> Result<String> {
     let mut byte = [0u8; 1];
     while !line.ends_with(b"\r\n") {
         ensure!(line.len() < 256, "no greeting line: {line:?}");
-        let n = stream.read(&mut byte).context("reading the greeting")?;
+        let n = read_some(&mut stream, &mut byte).context("reading the greeting")?;
         ensure!(
             n == 1,
             "connection closed before the greeting ended: {line:?}"
@@ -471,9 +541,9 @@ fn greeting(mut stream: TcpStream, started: Instant) -> Result<String> {
         line.push(byte[0]);
     }
     let greeting_ms = started.elapsed().as_secs_f64() * 1000.0;
-    stream.write_all(b"ping\n")?;
+    write_all(&mut stream, b"ping\n")?;
     let mut echoed = [0u8; 5];
-    stream.read_exact(&mut echoed).context("reading the echo")?;
+    read_exact(&mut stream, &mut echoed).context("reading the echo")?;
     ensure!(&echoed == b"ping\n", "echo: {echoed:?}");
     let text = String::from_utf8_lossy(&line);
     Ok(format!(

@@ -18,7 +18,8 @@
 //! mesh-testkit grpc-call --connect ADDR --path /pkg.Svc/Method --authority HOST
 //! ```
 //! Every client mode also takes `--timeout SECS` (default 30): no single connect, read or
-//! write may block longer, so a broken path fails instead of hanging. Exit status: 0 on
+//! write may block longer, so a broken path fails instead of hanging; and `--io poll` to use
+//! non-blocking sockets and wait in poll(2), as event-loop programs do (default: blocking). Exit status: 0 on
 //! success (with one `ok ...` summary line on stdout), 1 on failure (reason on stderr),
 //! 2 on bad arguments. `load` also prints `progress ok=N failed=M` every 250 ms and one
 //! `failure t_ms=T <what>: <error>` line per failed request, as they happen; it stops
@@ -41,7 +42,7 @@ const USAGE: &str = "usage:
   mesh-testkit client --connect ADDR --mode halfclose|echo|concurrent|hold|load
                       [--send-bytes N] [--expect-bytes M] [--connections C] [--seconds S]
                       [--stop-file PATH] [--workers W] [--long-lived L] [--interval-ms I]
-                      [--timeout SECS]
+                      [--timeout SECS] [--io blocking|poll]
   mesh-testkit mint   --issuer ISSUER_PEM | --new-ca true  --spiffe-id ID
                       [--validity current|expired] --dir DIR [--stem NAME]
   mesh-testkit ecs-agent --listen ADDR --state FILE
