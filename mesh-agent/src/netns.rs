@@ -233,20 +233,29 @@ fn new_tcp_socket(ipv6: bool) -> io::Result<TcpStream> {
 /// sock_ops program records with `bpf_get_netns_cookie`.
 pub fn netns_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut cookie: u64 = 0;
+    socket_option_u64(socket, SO_NETNS_COOKIE)
+}
+
+/// The kernel's identifier of a socket (`SO_COOKIE`), the value `bpf_get_socket_cookie` returns.
+pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    socket_option_u64(socket, libc::SO_COOKIE)
+}
+
+fn socket_option_u64(socket: &impl AsRawFd, name: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: the buffer is a valid u64 and `len` holds its size.
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            name,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }

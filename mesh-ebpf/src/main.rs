@@ -509,48 +509,66 @@ fn is_loopback(ip: &[u8; 16]) -> bool {
     v4_mapped_127 || *ip == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
 }
 
-/// This socket's [`SockKey`], or `None` for a family other than IPv4/IPv6.
+/// The [`SockKey`] of the socket behind a `bpf_sock_ops` or `sk_msg_md` context pointer (both
+/// have the same field names), or `None` for a family other than IPv4/IPv6.
+///
+/// Every field is read on its own, before any branch, at a constant offset from the context
+/// pointer: the verifier rejects reads through a derived pointer, which the compiler makes of
+/// copied arrays or of reads it shares between branches. A macro rather than a function
+/// because the two context types have no common trait.
+macro_rules! sock_key {
+    ($ctx:expr) => {{
+        let ctx = $ctx;
+        // SAFETY: `ctx` is the context pointer the kernel passed to this program; the helper
+        // only reads it.
+        let (family, local_ip4, remote_ip4, local_ip6, remote_ip6, local_port, remote_port_raw) = unsafe {
+            (
+                read_volatile(&(*ctx).family),
+                read_volatile(&(*ctx).local_ip4),
+                read_volatile(&(*ctx).remote_ip4),
+                [
+                    read_volatile(&(*ctx).local_ip6[0]),
+                    read_volatile(&(*ctx).local_ip6[1]),
+                    read_volatile(&(*ctx).local_ip6[2]),
+                    read_volatile(&(*ctx).local_ip6[3]),
+                ],
+                [
+                    read_volatile(&(*ctx).remote_ip6[0]),
+                    read_volatile(&(*ctx).remote_ip6[1]),
+                    read_volatile(&(*ctx).remote_ip6[2]),
+                    read_volatile(&(*ctx).remote_ip6[3]),
+                ],
+                read_volatile(&(*ctx).local_port),
+                read_volatile(&(*ctx).remote_port),
+            )
+        };
+        match family {
+            AF_INET => Some((mapped_v4(local_ip4), mapped_v4(remote_ip4))),
+            AF_INET6 => Some((v6_octets(local_ip6), v6_octets(remote_ip6))),
+            _ => None,
+        }
+        .map(|(local_ip, remote_ip)| SockKey {
+            // SAFETY: as above.
+            netns_cookie: unsafe { bpf_get_netns_cookie(ctx as *mut c_void) },
+            local_ip,
+            remote_ip,
+            local_port: local_port as u16,
+            remote_port: remote_port(remote_port_raw),
+            _pad: 0,
+        })
+    }};
+}
+
+/// This socket's [`SockKey`] as `sock_ops` sees it.
 #[inline(always)]
 fn ops_key(ctx: &SockOpsContext) -> Option<SockKey> {
-    // SAFETY: `ops` is the context the kernel passed to this program. Every field is read, on its
-    // own and before any branch, at a constant offset from the context pointer: the verifier
-    // rejects reads through a derived pointer, which the compiler makes of copied arrays or of
-    // reads it shares between branches.
-    let ops = ctx.ops;
-    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6) = unsafe {
-        (
-            read_volatile(&(*ops).family),
-            read_volatile(&(*ops).local_ip4),
-            read_volatile(&(*ops).remote_ip4),
-            [
-                read_volatile(&(*ops).local_ip6[0]),
-                read_volatile(&(*ops).local_ip6[1]),
-                read_volatile(&(*ops).local_ip6[2]),
-                read_volatile(&(*ops).local_ip6[3]),
-            ],
-            [
-                read_volatile(&(*ops).remote_ip6[0]),
-                read_volatile(&(*ops).remote_ip6[1]),
-                read_volatile(&(*ops).remote_ip6[2]),
-                read_volatile(&(*ops).remote_ip6[3]),
-            ],
-        )
-    };
-    let (local_ip, remote_ip) = match family {
-        AF_INET => (mapped_v4(local_ip4), mapped_v4(remote_ip4)),
-        AF_INET6 => (v6_octets(local_ip6), v6_octets(remote_ip6)),
-        _ => return None,
-    };
-    Some(SockKey {
-        // SAFETY: the helper only reads the context the kernel passed to this program.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) },
-        local_ip,
-        remote_ip,
-        // SAFETY: as above.
-        local_port: unsafe { read_volatile(&(*ops).local_port) } as u16,
-        remote_port: remote_port(unsafe { read_volatile(&(*ops).remote_port) }),
-        _pad: 0,
-    })
+    sock_key!(ctx.ops)
+}
+
+/// This socket's [`SockKey`] as `sk_msg` sees it.
+#[inline(always)]
+fn msg_key(ctx: &SkMsgContext) -> Option<SockKey> {
+    sock_key!(ctx.msg)
 }
 
 /// Puts an established socket into `SOCKETS`, and asks for its state changes so its
@@ -634,48 +652,6 @@ pub fn redirect_agent_sockets(ctx: SockOpsContext) -> u32 {
 #[inline(always)]
 fn netns_ready(netns_cookie: u64) -> bool {
     READY_NETNS.get_ptr(netns_cookie).is_some()
-}
-
-/// This socket's [`SockKey`] as `sk_msg` sees it.
-#[inline(always)]
-fn msg_key(ctx: &SkMsgContext) -> Option<SockKey> {
-    // SAFETY: `msg` is the context the kernel passed to this program; fields are read one by one
-    // at constant offsets (see `ops_key`), and the verifier turns them into reads of the socket.
-    let md = ctx.msg;
-    let (family, local_ip4, remote_ip4, local_ip6, remote_ip6) = unsafe {
-        (
-            read_volatile(&(*md).family),
-            read_volatile(&(*md).local_ip4),
-            read_volatile(&(*md).remote_ip4),
-            [
-                read_volatile(&(*md).local_ip6[0]),
-                read_volatile(&(*md).local_ip6[1]),
-                read_volatile(&(*md).local_ip6[2]),
-                read_volatile(&(*md).local_ip6[3]),
-            ],
-            [
-                read_volatile(&(*md).remote_ip6[0]),
-                read_volatile(&(*md).remote_ip6[1]),
-                read_volatile(&(*md).remote_ip6[2]),
-                read_volatile(&(*md).remote_ip6[3]),
-            ],
-        )
-    };
-    let (local_ip, remote_ip) = match family {
-        AF_INET => (mapped_v4(local_ip4), mapped_v4(remote_ip4)),
-        AF_INET6 => (v6_octets(local_ip6), v6_octets(remote_ip6)),
-        _ => return None,
-    };
-    Some(SockKey {
-        // SAFETY: as above.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.msg as *mut c_void) },
-        local_ip,
-        remote_ip,
-        // SAFETY: as above.
-        local_port: unsafe { read_volatile(&(*md).local_port) } as u16,
-        remote_port: remote_port(unsafe { read_volatile(&(*md).remote_port) }),
-        _pad: 0,
-    })
 }
 
 /// Every write of a socket in `SOCKETS`: straight into the peer's receive queue when the peer is

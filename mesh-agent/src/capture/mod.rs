@@ -183,7 +183,7 @@ impl Capture {
         if !self.redirect_attached.load(Ordering::Acquire) {
             return;
         }
-        let Ok(cookie) = redirect::socket_cookie(socket) else {
+        let Ok(cookie) = crate::netns::socket_cookie(socket) else {
             return;
         };
         let mut map = self.agent_dials.lock().unwrap_or_else(|p| p.into_inner());

@@ -10,7 +10,6 @@
 //! may hold other processes (as in tests) or other agents.
 
 use std::io::{self, BufRead};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
@@ -75,26 +74,6 @@ fn find_pid(dir: &Path, pid: u32, depth: usize) -> anyhow::Result<Option<PathBuf
     Ok(None)
 }
 
-/// The kernel's identifier of a socket (`SO_COOKIE`), the value `bpf_get_socket_cookie` returns.
-pub fn socket_cookie(socket: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: the buffer is a valid u64 and `len` holds its size.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(cookie)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +96,7 @@ mod tests {
 
     #[test]
     fn socket_cookies_are_distinct_per_socket() {
+        use crate::netns::socket_cookie;
         let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (ca, cb) = (socket_cookie(&a).unwrap(), socket_cookie(&b).unwrap());
