@@ -1,9 +1,11 @@
 //! Capture: loads the kernel programs, keeps the capture rules in their maps, attaches them to
-//! task cgroups, and answers "where was this accepted connection going?".
+//! task cgroups, answers "where was this accepted connection going?", and puts the optional
+//! loopback redirect in place (`redirect.rs`).
 //!
-//! Nothing is pinned in bpffs. Every attachment is a BPF link owned by this process, so the
-//! kernel detaches the programs when the agent exits, even if it is killed: a crashed agent can
-//! not leave tasks redirected to a listener that no longer exists.
+//! Nothing is pinned in bpffs. Every cgroup attachment is a BPF link owned by this process, and
+//! the redirect's `sk_msg` program is attached to a map only this process holds, so the kernel
+//! detaches everything when the agent exits, even if it is killed: a crashed agent can not leave
+//! tasks redirected to a listener (or a socket map) that no longer exists.
 
 mod redirect;
 mod rules;
