@@ -58,11 +58,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -470,19 +470,8 @@ impl EcsAgent {
             .stdout(Stdio::piped())
             .stderr(log);
         let mut process = Process::spawn(&mut command)?;
-        let stdout = process
-            .child_mut()
-            .stdout
-            .take()
-            .context("no stdout pipe")?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            lines.for_each(drop);
-        });
-        match rx.recv_timeout(LISTEN_TIMEOUT) {
-            Ok(Some(Ok(line))) if line.starts_with("listening on ") => {}
+        match process.first_stdout_line(LISTEN_TIMEOUT) {
+            Ok(Some(line)) if line.starts_with("listening on ") => {}
             other => bail!(
                 "mesh-testkit ecs-agent on {} in {} did not start ({other:?}); log: {}",
                 self.addr,

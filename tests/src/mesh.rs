@@ -29,7 +29,7 @@ use anyhow::{Context, Result, bail};
 use crate::agent;
 use crate::pki::{self, TestCa};
 use crate::process::run_with_timeout;
-use crate::topology::{Task, Topology, toml_str};
+use crate::topology::{Node, Task, Topology, toml_str};
 
 /// The AWS account of every test role.
 pub const ACCOUNT: &str = "111122223333";
@@ -83,6 +83,40 @@ impl Default for TrustInit {
             clock_skew: None,
             issuer_validity: None,
         }
+    }
+}
+
+/// Where every two-node mesh test starts: two simulated nodes joined by a link, and a trust
+/// directory made by `mesh-agent trust init`. Tasks are added with `n1.add_task(..)`.
+///
+/// Bind it field by field, topology first:
+/// `let TwoNodes { topology, n1, n2, trust } = TwoNodes::new()?;` — locals are dropped in
+/// reverse order, so the topology (namespaces, cgroups, files) then goes last, after everything
+/// that lives in it. Kept whole, its field order does the same.
+pub struct TwoNodes {
+    pub trust: TrustDir,
+    pub n2: Node,
+    pub n1: Node,
+    pub topology: Topology,
+}
+
+impl TwoNodes {
+    pub fn new() -> Result<TwoNodes> {
+        TwoNodes::with_trust(&TrustInit::default())
+    }
+
+    pub fn with_trust(init: &TrustInit) -> Result<TwoNodes> {
+        let topology = Topology::new()?;
+        let n1 = topology.add_node()?;
+        let n2 = topology.add_node()?;
+        topology.link_nodes(&n1, &n2)?;
+        let trust = TrustDir::init(&topology, init)?;
+        Ok(TwoNodes {
+            trust,
+            n2,
+            n1,
+            topology,
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -87,6 +87,28 @@ impl Process {
                 return Ok(None);
             }
             thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The first line the process writes to its piped stdout, within `timeout` (servers print
+    /// one when they listen). The rest of stdout is drained in the background so the process
+    /// never blocks on a full pipe. `None` if stdout closed first.
+    pub fn first_stdout_line(&mut self, timeout: Duration) -> Result<Option<String>> {
+        let stdout = self
+            .child
+            .stdout
+            .take()
+            .context("no stdout pipe (spawn with Stdio::piped())")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = io::BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            lines.for_each(drop);
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(Some(line)) => Ok(Some(line.context("reading the process's stdout")?)),
+            Ok(None) => Ok(None),
+            Err(_) => bail!("no line on stdout within {timeout:?}"),
         }
     }
 

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -96,20 +96,8 @@ impl Testkit {
             .stdout(Stdio::piped())
             .stderr(File::create(&log)?);
         let mut process = Process::spawn(&mut command)?;
-        let stdout = process
-            .child_mut()
-            .stdout
-            .take()
-            .context("no stdout pipe")?;
-        let (tx, rx) = mpsc::channel();
-        // Reads the "listening on" line, then drains stdout so the server never blocks.
-        thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let _ = tx.send(lines.next());
-            lines.for_each(drop);
-        });
-        match rx.recv_timeout(LISTEN_TIMEOUT) {
-            Ok(Some(Ok(line))) if line.starts_with("listening on ") => {}
+        match process.first_stdout_line(LISTEN_TIMEOUT) {
+            Ok(Some(line)) if line.starts_with("listening on ") => {}
             other => bail!(
                 "mesh-testkit serve on {listen} in task {} did not start ({other:?}); stderr: {}",
                 task.id(),

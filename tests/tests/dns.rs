@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use mesh_testbed::dns::{DnsZone, Dnsmasq, Srv};
-use mesh_testbed::mesh::{MeshConfig, TrustDir, TrustInit, role_arn, spiffe_id, wait_for};
+use mesh_testbed::mesh::{MeshConfig, TrustDir, TwoNodes, role_arn, spiffe_id, wait_for};
 use mesh_testbed::{
     Agent, Node, ServeMode, Server, Task, Testkit, Topology, netns, require_root, require_tools,
     run_with_timeout,
@@ -210,15 +210,16 @@ fn dns_mesh() -> Result<DnsMesh> {
     require_root()?;
     require_tools(&["ip", "curl"])?;
     let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-    let topology = Topology::new()?;
-    let n1 = topology.add_node()?;
-    let n2 = topology.add_node()?;
-    topology.link_nodes(&n1, &n2)?;
+    let TwoNodes {
+        topology,
+        n1,
+        n2,
+        trust,
+    } = TwoNodes::new()?;
     let a = n1.add_task("a")?;
     let b1 = n2.add_task("b1")?;
     let b2 = n2.add_task("b2")?;
     let c = n2.add_task("c")?;
-    let trust = TrustDir::init(&topology, &TrustInit::default())?;
     Ok(DnsMesh {
         kit,
         trust,

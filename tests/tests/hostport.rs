@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use mesh_testbed::dns::{DnsZone, Dnsmasq, Srv};
-use mesh_testbed::mesh::{MeshConfig, TrustDir, TrustInit, spiffe_id, task_section};
-use mesh_testbed::{Agent, ServeMode, Task, Testkit, Topology, run_with_timeout};
+use mesh_testbed::mesh::{MeshConfig, TwoNodes, spiffe_id, task_section};
+use mesh_testbed::{Agent, ServeMode, Task, Testkit, run_with_timeout};
 
 const HOST_PORT: u16 = 32768;
 const CONTAINER_PORT: u16 = 8080;
@@ -44,13 +44,14 @@ fn curl(task: &Task, url: &str) -> Result<(bool, String)> {
 fn srv_host_port_endpoint_is_reached_through_the_node_listener() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let b = n2.add_task("b")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
 
         // b listens on all its addresses, as a bridge-mode container does.
         let _server = kit.serve(
@@ -160,14 +161,15 @@ fn srv_host_port_endpoint_is_reached_through_the_node_listener() {
 fn node_listener_refuses_a_port_published_by_another_identity() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let b = n2.add_task("b")?;
         let c = n2.add_task("c")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let _server = kit.serve(
             &c,
             SocketAddr::new(IpAddr::from([0, 0, 0, 0]), CONTAINER_PORT),

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use mesh_testbed::mesh::{MeshConfig, TrustDir, TrustInit, endpoint_section, role_arn, spiffe_id};
-use mesh_testbed::{Agent, ServeMode, Task, Testkit, Topology, run_with_timeout};
+use mesh_testbed::mesh::{MeshConfig, TwoNodes, endpoint_section, role_arn, spiffe_id};
+use mesh_testbed::{Agent, ServeMode, Task, Testkit, run_with_timeout};
 
 /// What applications resolve `serviceb.apps.local` to (a Route 53 / Cloud Map record).
 const VIP: &str = "198.18.250.1";
@@ -85,14 +85,15 @@ fn count(bodies: &[String], task: &Task) -> usize {
 fn seed_scenario_splits_75_25_and_follows_a_reload_to_0_100() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let b1 = n2.add_task("b1")?;
         let b2 = n2.add_task("b2")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let _s1 = kit.serve(&b1, SocketAddr::new(b1.ip().into(), PORT), ServeMode::Http)?;
         let _s2 = kit.serve(&b2, SocketAddr::new(b2.ip().into(), PORT), ServeMode::Http)?;
 
@@ -234,15 +235,16 @@ fn flaky_count(task: &Task) -> Result<u64> {
 fn override_header_is_honoured_for_allowed_callers_only() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let c = n1.add_task("c")?;
         let b1 = n2.add_task("b1")?;
         let b2 = n2.add_task("b2")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let _s1 = kit.serve(&b1, SocketAddr::new(b1.ip().into(), PORT), ServeMode::Http)?;
         let _s2 = kit.serve(&b2, SocketAddr::new(b2.ip().into(), PORT), ServeMode::Http)?;
         let node1 = MeshConfig::new(&trust)
@@ -386,14 +388,15 @@ retry_policy.http_retry_events = ["server-error", "gateway-error"]
 fn retries_ride_out_failures_within_the_budget() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let b1 = n2.add_task("b1")?;
         let b2 = n2.add_task("b2")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let half = ServeMode::Flaky { fail_percent: 50 };
         let down = ServeMode::Flaky { fail_percent: 100 };
         let _s1 = kit.serve(&b1, SocketAddr::new(b1.ip().into(), PORT), half)?;
@@ -515,13 +518,14 @@ fn retries_ride_out_failures_within_the_budget() {
 fn per_request_timeout_answers_504_in_time() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let b1 = n2.add_task("b1")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let slow = ServeMode::Slow {
             delay: Duration::from_secs(1),
         };

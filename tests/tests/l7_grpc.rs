@@ -20,8 +20,8 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_testbed::mesh::{MeshConfig, TrustDir, TrustInit, endpoint_section, spiffe_id};
-use mesh_testbed::{Agent, Process, ServeMode, Task, Testkit, Topology, run_with_timeout};
+use mesh_testbed::mesh::{MeshConfig, TwoNodes, endpoint_section, spiffe_id};
+use mesh_testbed::{Agent, Process, ServeMode, Task, Testkit, run_with_timeout};
 
 /// What applications resolve `greeter.apps.local` to.
 const GREETER_VIP: &str = "198.18.251.1";
@@ -119,13 +119,14 @@ action.weighted_targets = [{{ virtual_node = "greeter", weight = 100 }}]
 fn grpc_unary_calls_are_routed_with_their_status_and_counted() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let g = n2.add_task("g")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let server_log = topology.dir().join("grpc-serve-g.log");
         let _server = grpc_serve(
             &kit,
@@ -330,13 +331,14 @@ fn probe_result(mut process: Process, what: &str) -> Result<Probe> {
 fn a_route_idle_timeout_closes_an_idle_application_connection() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let b = n2.add_task("b")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let _server = kit.serve(
             &b,
             SocketAddr::new(b.ip().into(), HTTP_PORT),

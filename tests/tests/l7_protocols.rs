@@ -17,8 +17,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_testbed::mesh::{MeshConfig, TrustDir, TrustInit};
-use mesh_testbed::{Agent, ServeMode, Task, Testkit, Topology, run_with_timeout};
+use mesh_testbed::mesh::{MeshConfig, TwoNodes};
+use mesh_testbed::{Agent, ServeMode, Task, Testkit, run_with_timeout};
 
 const DETECTION_TIMEOUT: Duration = Duration::from_millis(1000);
 const UNDECLARED: u16 = 7000;
@@ -64,13 +64,14 @@ fn greeting_ms(kit: &Testkit, from: &Task, to: SocketAddr) -> Result<(String, f6
 fn server_speaks_first_protocols_do_not_stall_and_detection_costs_at_most_its_timeout() {
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let db = n2.add_task("db")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let _servers = [UNDECLARED, DECLARED_TCP, MYSQL]
             .map(|port| kit.serve(&db, SocketAddr::new(db.ip().into(), port), ServeMode::Greet))
             .into_iter()
@@ -160,14 +161,15 @@ fn tcp_routes_split_connections_by_weight() {
     const CONNECTIONS: usize = 200;
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology: _topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let db1 = n2.add_task("db1")?;
         let db2 = n2.add_task("db2")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let _s1 = kit.serve(
             &db1,
             SocketAddr::new(db1.ip().into(), MYSQL),
@@ -301,13 +303,14 @@ fn http_on_an_undeclared_port_is_detected_reported_by_both_agents_and_logged() {
     const VIP: &str = "198.18.250.3";
     let result = (|| -> Result<()> {
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let web = n2.add_task("web")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let _servers = [HTTP, HTTP_DECLARED]
             .map(|port| {
                 kit.serve(

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use mesh_testbed::mesh::{
-    MeshConfig, TUNNEL_PORT, TrustDir, TrustInit, role_arn, spiffe_id, spiffe_id_in, wait_for,
+    MeshConfig, TUNNEL_PORT, TrustDir, TrustInit, TwoNodes, role_arn, spiffe_id, spiffe_id_in,
+    wait_for,
 };
 use mesh_testbed::pcap::LinkCapture;
 use mesh_testbed::pki::{CertFiles, TestCa, Validity};
@@ -92,13 +93,14 @@ fn mesh(init: TrustInit) -> Result<Mesh> {
     require_root()?;
     require_tools(&["ip", "curl", "openssl", "tcpdump"])?;
     let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-    let topology = Topology::new()?;
-    let n1 = topology.add_node()?;
-    let n2 = topology.add_node()?;
-    topology.link_nodes(&n1, &n2)?;
+    let TwoNodes {
+        topology,
+        n1,
+        n2,
+        trust,
+    } = TwoNodes::with_trust(&init)?;
     let a = n1.add_task("a")?;
     let b = n2.add_task("b")?;
-    let trust = TrustDir::init(&topology, &init)?;
     Ok(Mesh {
         kit,
         trust,

@@ -18,9 +18,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_testbed::mesh::{MeshConfig, TrustDir, TrustInit, endpoint_section, spiffe_id, wait_for};
+use mesh_testbed::mesh::{MeshConfig, TwoNodes, endpoint_section, spiffe_id, wait_for};
 use mesh_testbed::prometheus::{self, Prometheus, Sample};
-use mesh_testbed::{Agent, ServeMode, Task, Testkit, Topology, run_with_timeout};
+use mesh_testbed::{Agent, ServeMode, Task, Testkit, run_with_timeout};
 use serde_json::Value;
 
 const VIP: &str = "198.18.250.1";
@@ -262,16 +262,17 @@ fn prometheus_evaluates_the_documented_queries_and_every_dashboard_panel() {
     let result = (|| -> Result<()> {
         let started = Instant::now();
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
         mesh_testbed::require_tools(&["curl"])?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let c = n1.add_task("c")?;
         let b1 = n2.add_task("b1")?;
         let b2 = n2.add_task("b2")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         let _s1 = kit.serve(&b1, SocketAddr::new(b1.ip().into(), PORT), ServeMode::Http)?;
         let _s2 = kit.serve(
             &b2,

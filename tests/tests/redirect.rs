@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_testbed::mesh::{MeshConfig, TrustDir, TrustInit};
+use mesh_testbed::mesh::{MeshConfig, TrustDir, TwoNodes};
 use mesh_testbed::{
     Agent, Node, ServeMode, Task, Testkit, Topology, require_root, require_tools, run_with_timeout,
 };
@@ -50,13 +50,14 @@ impl Mesh {
         require_root()?;
         require_tools(&["ip", "ss"])?;
         let kit = Testkit::new(env!("CARGO_BIN_EXE_mesh-testkit"))?;
-        let topology = Topology::new()?;
-        let n1 = topology.add_node()?;
-        let n2 = topology.add_node()?;
-        topology.link_nodes(&n1, &n2)?;
+        let TwoNodes {
+            topology,
+            n1,
+            n2,
+            trust,
+        } = TwoNodes::new()?;
         let a = n1.add_task("a")?;
         let b = n2.add_task("b")?;
-        let trust = TrustDir::init(&topology, &TrustInit::default())?;
         Ok(Mesh {
             kit,
             trust,

@@ -13,11 +13,9 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -381,19 +379,8 @@ fn spawn_server(
         .stdout(Stdio::piped())
         .stderr(File::create(&log)?);
     let mut process = Process::spawn(&mut command)?;
-    let stdout = process
-        .child_mut()
-        .stdout
-        .take()
-        .context("no stdout pipe")?;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        let _ = tx.send(lines.next());
-        lines.for_each(drop);
-    });
-    match rx.recv_timeout(READY_TIMEOUT) {
-        Ok(Some(Ok(line))) if line.contains("\"listening\"") => Ok(process),
+    match process.first_stdout_line(READY_TIMEOUT) {
+        Ok(Some(line)) if line.contains("\"listening\"") => Ok(process),
         other => bail!(
             "mesh-bench serve {mode} on {addr} in task {} did not start ({other:?}): {}",
             task.id(),
