@@ -437,6 +437,43 @@ fn set(entries: &mut Vec<(String, String)>, key: &str, value: &str) {
     }
 }
 
+/// The routing of the seed scenario (`l7.rs`, `prometheus.rs`): virtual service
+/// `serviceb.apps.local` at `vip:port` (HTTP), split by weight between the virtual nodes
+/// serviceB (task `b1`) and serviceBv2 (task `b2`), no retry policy.
+pub fn seed_routing(vip: &str, port: u16, weight_b: u32, weight_b2: u32) -> String {
+    format!(
+        r#"
+[[virtual_services]]
+name = "serviceb.apps.local"
+addresses = ["{vip}"]
+provider = {{ virtual_router = "serviceB" }}
+
+[[virtual_routers]]
+name = "serviceB"
+listeners = [{{ port = {port}, protocol = "http" }}]
+
+[[virtual_nodes]]
+name = "serviceB"
+endpoint = "b1"
+listeners = [{{ port = {port}, protocol = "http" }}]
+
+[[virtual_nodes]]
+name = "serviceBv2"
+endpoint = "b2"
+listeners = [{{ port = {port}, protocol = "http" }}]
+
+[[routes]]
+name = "split"
+virtual_router = "serviceB"
+match.prefix = "/"
+action.weighted_targets = [
+  {{ virtual_node = "serviceB", weight = {weight_b} }},
+  {{ virtual_node = "serviceBv2", weight = {weight_b2} }},
+]
+"#
+    )
+}
+
 /// `[[tasks]]` for `task` with `role_arn = role_arn(role)`.
 pub fn task_section(task: &Task, role: &str) -> String {
     format!(

@@ -11,48 +11,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use mesh_testbed::mesh::{MeshConfig, TwoNodes, endpoint_section, role_arn, spiffe_id};
+use mesh_testbed::mesh::{
+    MeshConfig, TwoNodes, endpoint_section, role_arn, seed_routing, spiffe_id,
+};
 use mesh_testbed::{Agent, ServeMode, Task, Testkit, run_with_timeout};
 
 /// What applications resolve `serviceb.apps.local` to (a Route 53 / Cloud Map record).
 const VIP: &str = "198.18.250.1";
 const PORT: u16 = 8080;
 const REQUESTS: usize = 2000;
-
-/// The routing part of node 1's configuration, with the given weights.
-fn routing(weight_b: u32, weight_b2: u32) -> String {
-    format!(
-        r#"
-[[virtual_services]]
-name = "serviceb.apps.local"
-addresses = ["{VIP}"]
-provider = {{ virtual_router = "serviceB" }}
-
-[[virtual_routers]]
-name = "serviceB"
-listeners = [{{ port = {PORT}, protocol = "http" }}]
-
-[[virtual_nodes]]
-name = "serviceB"
-endpoint = "b1"
-listeners = [{{ port = {PORT}, protocol = "http" }}]
-
-[[virtual_nodes]]
-name = "serviceBv2"
-endpoint = "b2"
-listeners = [{{ port = {PORT}, protocol = "http" }}]
-
-[[routes]]
-name = "split"
-virtual_router = "serviceB"
-match.prefix = "/"
-action.weighted_targets = [
-  {{ virtual_node = "serviceB", weight = {weight_b} }},
-  {{ virtual_node = "serviceBv2", weight = {weight_b2} }},
-]
-"#
-    )
-}
 
 /// `n` requests over one keep-alive connection (curl's URL globbing); returns each response
 /// body's first line.
@@ -102,7 +69,7 @@ fn seed_scenario_splits_75_25_and_follows_a_reload_to_0_100() {
                 .task(&a, "serviceA")
                 .raw(&endpoint_section(&b1, "serviceB"))
                 .raw(&endpoint_section(&b2, "serviceBv2"))
-                .raw(&routing(weights.0, weights.1))
+                .raw(&seed_routing(VIP, PORT, weights.0, weights.1))
                 .render()
         };
         let node2 = MeshConfig::new(&trust)
@@ -252,7 +219,7 @@ fn override_header_is_honoured_for_allowed_callers_only() {
             .task(&c, "serviceC")
             .raw(&endpoint_section(&b1, "serviceB"))
             .raw(&endpoint_section(&b2, "serviceBv2"))
-            .raw(&routing(75, 25))
+            .raw(&seed_routing(VIP, PORT, 75, 25))
             .raw(&format!(
                 "[routing.override_header]\nallow_from = [\"{}\"]\n",
                 role_arn("serviceA")

@@ -18,7 +18,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use mesh_testbed::mesh::{MeshConfig, TwoNodes, endpoint_section, spiffe_id, wait_for};
+use mesh_testbed::mesh::{
+    MeshConfig, TwoNodes, endpoint_section, seed_routing, spiffe_id, wait_for,
+};
 use mesh_testbed::prometheus::{self, Prometheus, Sample};
 use mesh_testbed::{Agent, ServeMode, Task, Testkit, run_with_timeout};
 use serde_json::Value;
@@ -34,41 +36,6 @@ const PROMETHEUS_PORT: u16 = 9090;
 const TARGETS: [&str; 2] = ["127.0.0.1:15020", "198.19.1.2:15020"];
 /// How long Prometheus may take to show what the agents export (scrape interval 1s).
 const SCRAPE_LAG: Duration = Duration::from_secs(10);
-
-/// The routing part of node 1's configuration (as in `l7.rs`, no retry policy).
-fn routing() -> String {
-    format!(
-        r#"
-[[virtual_services]]
-name = "{SERVICE}"
-addresses = ["{VIP}"]
-provider = {{ virtual_router = "serviceB" }}
-
-[[virtual_routers]]
-name = "serviceB"
-listeners = [{{ port = {PORT}, protocol = "http" }}]
-
-[[virtual_nodes]]
-name = "serviceB"
-endpoint = "b1"
-listeners = [{{ port = {PORT}, protocol = "http" }}]
-
-[[virtual_nodes]]
-name = "serviceBv2"
-endpoint = "b2"
-listeners = [{{ port = {PORT}, protocol = "http" }}]
-
-[[routes]]
-name = "split"
-virtual_router = "serviceB"
-match.prefix = "/"
-action.weighted_targets = [
-  {{ virtual_node = "serviceB", weight = 75 }},
-  {{ virtual_node = "serviceBv2", weight = 25 }},
-]
-"#
-    )
-}
 
 /// `n` requests to the virtual service from `task` over one keep-alive connection: each as
 /// (status code, body's first line).
@@ -284,7 +251,7 @@ fn prometheus_evaluates_the_documented_queries_and_every_dashboard_panel() {
             .task(&c, "serviceC")
             .raw(&endpoint_section(&b1, "serviceB"))
             .raw(&endpoint_section(&b2, "serviceBv2"))
-            .raw(&routing());
+            .raw(&seed_routing(VIP, PORT, 75, 25));
         // Only serviceA may reach b1: c's direct connections are denied (and counted).
         let node2 = MeshConfig::new(&trust)
             .task(&b1, "serviceB")
