@@ -371,7 +371,7 @@ pub fn record_original_dst(ctx: SockOpsContext) -> u32 {
     }
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // The app accepted a connection: redirected if the agent's dialling end is waiting.
-        if redirect_on() {
+        if redirect_settings().is_some() {
             if let Some(mut key) = ops_key(&ctx) {
                 if AGENT_PEERS.get_ptr(&key).is_some() {
                     let _ = AGENT_PEERS.remove(&key);
@@ -412,7 +412,7 @@ pub fn record_original_dst(ctx: SockOpsContext) -> u32 {
     // Ask for state changes of this socket only, to delete its cookie entry on close.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
     // The app's end of the outbound leg; the agent's accepted end follows (it needs our ACK).
-    if redirect_on() {
+    if redirect_settings().is_some() {
         if let Some(mut key) = ops_key(&ctx) {
             add_to_redirect(&ctx, &mut key);
         }
@@ -464,11 +464,16 @@ pub fn restore_peer6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Whether the loopback redirect is switched on (read per established connection, so a reload
-/// takes effect for new connections).
+/// The settings, if the loopback redirect is switched on (read per established connection, so a
+/// reload takes effect for new connections).
 #[inline(always)]
-fn redirect_on() -> bool {
-    matches!(SETTINGS.get(0), Some(s) if s.flags & SETTINGS_READY != 0 && s.flags & SETTINGS_LOOPBACK_REDIRECT != 0)
+fn redirect_settings() -> Option<Settings> {
+    match SETTINGS.get(0) {
+        Some(s) if s.flags & SETTINGS_READY != 0 && s.flags & SETTINGS_LOOPBACK_REDIRECT != 0 => {
+            Some(*s)
+        }
+        _ => None,
+    }
 }
 
 /// An IPv4 address as the kernel's context gives it (network order, read as a native u32),
@@ -608,9 +613,8 @@ pub fn redirect_agent_sockets(ctx: SockOpsContext) -> u32 {
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return 1;
     }
-    let settings = match SETTINGS.get(0) {
-        Some(s) if s.flags & SETTINGS_READY != 0 && s.flags & SETTINGS_LOOPBACK_REDIRECT != 0 => *s,
-        _ => return 1,
+    let Some(settings) = redirect_settings() else {
+        return 1;
     };
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: the helper only reads the context the kernel passed to this program.

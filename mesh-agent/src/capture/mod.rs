@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use anyhow::{Context, anyhow};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, SockHash};
@@ -56,22 +56,18 @@ pub struct Capture {
     /// dials from other sockets; see [`Capture::register_dial`].
     agent_dials: Mutex<HashMap<MapData, u64, u8>>,
     cgroup2_root: PathBuf,
-    /// The loopback redirect's state; see [`Capture::apply_rules`].
-    redirect: Mutex<RedirectState>,
-    /// Whether the redirect's programs are attached; read for every socket a netns worker
-    /// hands out. While they are, sockets are registered even with the redirect switched off
-    /// (the kernel checks the switch when the connection is established).
-    redirect_attached: AtomicBool,
+    /// Where the loopback redirect stands (`REDIRECT_*`). Its programs are attached on the first
+    /// configuration that asks for it and stay attached (switching it off only clears the
+    /// settings flag); changed only under the `control` lock. Read for every socket a netns
+    /// worker hands out: while attached, sockets are registered even with the redirect switched
+    /// off (the kernel checks the switch when the connection is established).
+    redirect: AtomicU8,
 }
 
-/// Where the loopback redirect stands. Its programs are attached on the first configuration
-/// that asks for it and stay attached (switching it off only clears the settings flag).
-enum RedirectState {
-    NotAttached,
-    Attached,
-    /// The kernel refused a program or an attachment; said once, not retried.
-    Unavailable,
-}
+const REDIRECT_NOT_ATTACHED: u8 = 0;
+const REDIRECT_ATTACHED: u8 = 1;
+/// The kernel refused a program or an attachment; said once, not retried.
+const REDIRECT_UNAVAILABLE: u8 = 2;
 
 /// The programs attached to one task cgroup; give it back to [`Capture::detach`].
 #[derive(Debug)]
@@ -108,8 +104,7 @@ impl Capture {
             stats,
             agent_dials: Mutex::new(agent_dials),
             cgroup2_root: cgroup2_root.to_owned(),
-            redirect: Mutex::new(RedirectState::NotAttached),
-            redirect_attached: AtomicBool::new(false),
+            redirect: AtomicU8::new(REDIRECT_NOT_ATTACHED),
         })
     }
 
@@ -155,23 +150,22 @@ impl Capture {
     /// Attaches the loopback redirect's programs unless they are already in place (or the kernel
     /// refused them before). Returns whether they are in place. A refusal is a warning, not an
     /// error: connections then use loopback TCP, as with the redirect switched off.
+    /// Called under the `control` lock (`ebpf` is its guard), which serialises attaching.
     fn redirect_in_place(&self, ebpf: &mut Ebpf) -> bool {
-        let mut state = self.redirect.lock().unwrap_or_else(|p| p.into_inner());
-        match *state {
-            RedirectState::Attached => return true,
-            RedirectState::Unavailable => return false,
-            RedirectState::NotAttached => {}
+        match self.redirect.load(Ordering::Acquire) {
+            REDIRECT_ATTACHED => return true,
+            REDIRECT_UNAVAILABLE => return false,
+            _ => {}
         }
         match attach_redirect(ebpf, &self.cgroup2_root) {
             Ok(cgroup) => {
-                self.redirect_attached.store(true, Ordering::Release);
+                self.redirect.store(REDIRECT_ATTACHED, Ordering::Release);
                 info!(agent_cgroup = %cgroup.display(), "loopback redirect in place: writes on the app <-> agent loopback legs go straight to the peer socket");
-                *state = RedirectState::Attached;
                 true
             }
             Err(e) => {
+                self.redirect.store(REDIRECT_UNAVAILABLE, Ordering::Release);
                 warn!(error = %format!("{e:#}"), "loopback redirect unavailable; the app <-> agent legs use loopback TCP (capture.loopback_redirect has no effect)");
-                *state = RedirectState::Unavailable;
                 false
             }
         }
@@ -182,7 +176,7 @@ impl Capture {
     /// Costs two system calls per connect, and nothing unless the redirect was ever switched
     /// on. Failures only mean that connection is not redirected.
     pub fn register_dial(&self, socket: &impl AsRawFd) {
-        if !self.redirect_attached.load(Ordering::Acquire) {
+        if self.redirect.load(Ordering::Acquire) != REDIRECT_ATTACHED {
             return;
         }
         let Ok(cookie) = crate::netns::socket_cookie(socket) else {
