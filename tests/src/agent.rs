@@ -23,6 +23,10 @@ pub const READINESS_ADDR: SocketAddr =
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longer than the default drain_timeout (5 s), so a clean drain is never cut short.
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a reload may take to be applied (tasks re-attached, watches restarted).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The agent's count of configuration reloads, by `result` (`success` or `failure`).
+const RELOADS: &str = "mesh_config_reloads_total";
 const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How to launch the agent; [`Agent::start`] uses the defaults.
@@ -271,12 +275,46 @@ impl Agent {
             .count())
     }
 
-    /// Replaces the configuration file and sends SIGHUP.
+    /// Replaces the configuration file, sends SIGHUP and waits until the agent has applied
+    /// the new file (its count of successful reloads goes up), so what a test does next meets
+    /// the new configuration. A reload the agent rejects, or one not finished within
+    /// `RELOAD_TIMEOUT`, is an error carrying the agent's log.
     pub fn reload(&mut self, config: &str) -> Result<()> {
+        let (successes, failures) = self.reload_counts()?;
         self.replace_config(config)?;
         self.process
             .signal(libc::SIGHUP)
-            .with_context(|| self.log_tail(20))
+            .with_context(|| self.log_tail(20))?;
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        loop {
+            let (s, f) = self.reload_counts()?;
+            if s > successes {
+                return Ok(());
+            }
+            if f > failures {
+                bail!(
+                    "the agent did not apply the new configuration\n{}",
+                    self.log_tail(20)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent had not applied the new configuration after {RELOAD_TIMEOUT:?}\n{}",
+                    self.log_tail(20)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's successful and failed configuration reloads so far.
+    fn reload_counts(&self) -> Result<(f64, f64)> {
+        let metrics = self.metrics()?;
+        let count = |result| metrics::value(&metrics, RELOADS, &[("result", result)]);
+        Ok((
+            count("success").unwrap_or(0.0),
+            count("failure").unwrap_or(0.0),
+        ))
     }
 
     /// Replaces the configuration file without signalling the agent: it must notice the

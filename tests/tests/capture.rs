@@ -366,14 +366,7 @@ fn reload_detaches_a_removed_task_without_disturbing_others() {
             v >= 1.0
         })?;
 
-        let reloads = agent.metric("mesh_config_reloads_total", &[("result", "success")])?;
         agent.reload(&config("", &[&c]))?;
-        agent.wait_metric(
-            "mesh_config_reloads_total",
-            &[("result", "success")],
-            METRIC_LAG,
-            |v| v > reloads,
-        )?;
         agent.wait_metric("mesh_tasks_meshed", &[], METRIC_LAG, |v| v == 1.0)?;
 
         // c's connection is already open, so nothing else may be captured meanwhile.

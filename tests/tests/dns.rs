@@ -806,8 +806,6 @@ fn reload_during_resolver_failure_keeps_the_last_known_endpoints() {
         wait_endpoints(&agent1, &[to_b1, to_b2], FIRST_RESOLUTION)?;
         until_peer(m, to_b1, m.b1.ip(), "b1 meshed", Duration::from_secs(2))?;
 
-        let reloads =
-            |agent: &Agent| agent.metric("mesh_config_reloads_total", &[("result", "success")]);
         let other = |n: u32| {
             format!(
                 "[[services]]\nname = \"other{n}\"\nhostname = \"other.apps.local\"\nport = 9{n:03}\nrole_arn = \"{}\"\n",
@@ -815,14 +813,7 @@ fn reload_during_resolver_failure_keeps_the_last_known_endpoints() {
             )
         };
         // Control: a reload adding a service while the resolver answers.
-        let before = reloads(&agent1)?;
         agent1.reload(&base.clone().raw(&other(1)).render())?;
-        agent1.wait_metric(
-            "mesh_config_reloads_total",
-            &[("result", "success")],
-            METRIC_LAG,
-            |v| v > before,
-        )?;
         until_peer(
             m,
             to_b1,
@@ -845,14 +836,7 @@ fn reload_during_resolver_failure_keeps_the_last_known_endpoints() {
                 )
             },
         )?;
-        let before = reloads(&agent1)?;
         agent1.reload(&base.clone().raw(&other(1)).raw(&other(2)).render())?;
-        agent1.wait_metric(
-            "mesh_config_reloads_total",
-            &[("result", "success")],
-            METRIC_LAG,
-            |v| v > before,
-        )?;
         let reloaded = Instant::now();
         while reloaded.elapsed() < Duration::from_secs(2) {
             expect_tunnel(m, to_b1, &m.b1).context("after a reload with the resolver frozen")?;

@@ -33,7 +33,6 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// Bulk sizes: large enough for many writes and for the receiver to fall behind the sender.
 const BULK: u64 = 8 << 20;
 const REPLY: u64 = 4 << 20;
-const RELOADS: &str = "mesh_config_reloads_total";
 
 struct Mesh {
     kit: Testkit,
@@ -237,12 +236,10 @@ fn traffic(m: &Mesh) -> Result<()> {
     Ok(())
 }
 
-/// Reloads both agents and waits until each has applied the new file.
+/// Reloads both agents (each call returns once that agent has applied its new file).
 fn reload(agents: [&mut Agent; 2], configs: [String; 2]) -> Result<()> {
     for (agent, config) in agents.into_iter().zip(configs) {
-        let before = agent.metric_sum(RELOADS, &[("result", "success")])?;
         agent.reload(&config)?;
-        agent.wait_metric_sum(RELOADS, &[("result", "success")], TIMEOUT, |v| v > before)?;
     }
     Ok(())
 }
