@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::mesh::wait_for;
 use crate::process::Process;
 use crate::topology::Node;
 use crate::{http, metrics};
@@ -285,26 +286,19 @@ impl Agent {
         self.process
             .signal(libc::SIGHUP)
             .with_context(|| self.log_tail(20))?;
-        let deadline = Instant::now() + RELOAD_TIMEOUT;
-        loop {
-            let (s, f) = self.reload_counts()?;
-            if s > successes {
-                return Ok(());
-            }
-            if f > failures {
-                bail!(
-                    "the agent did not apply the new configuration\n{}",
-                    self.log_tail(20)
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the agent had not applied the new configuration after {RELOAD_TIMEOUT:?}\n{}",
-                    self.log_tail(20)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        wait_for(
+            "the agent applies the new configuration",
+            RELOAD_TIMEOUT,
+            || {
+                let (s, f) = self.reload_counts()?;
+                Ok(match (s > successes, f > failures) {
+                    (true, _) => Ok(()),
+                    (false, true) => Err("the agent rejected it".to_string()),
+                    (false, false) => Err("no reload reported yet".to_string()),
+                })
+            },
+        )
+        .with_context(|| self.log_tail(20))
     }
 
     /// The agent's successful and failed configuration reloads so far.
