@@ -106,24 +106,40 @@ pub fn nofile_limit(pid: u32) -> String {
 /// /proc/stat. Interrupt time is left out: packet processing of the benchmark's own
 /// traffic lands there, and cgroup accounting does not see it.
 pub fn host_busy_seconds() -> Result<f64> {
+    host_cpu_seconds(host_busy_ticks)
+}
+
+/// Time the hypervisor ran something else while this VM's vCPUs wanted to run (`steal`
+/// in /proc/stat), seconds over all vCPUs. On a shared host it is what makes wake-ups
+/// slow and runs at different times disagree; 0 on bare metal.
+pub fn host_steal_seconds() -> Result<f64> {
+    host_cpu_seconds(host_steal_ticks)
+}
+
+fn host_cpu_seconds(field: fn(&str) -> Option<u64>) -> Result<f64> {
     let stat = fs::read_to_string("/proc/stat").context("read /proc/stat")?;
-    host_busy_ticks(&stat)
+    field(&stat)
         .map(|t| t as f64 / clock_ticks_per_second())
         .context("parse /proc/stat")
 }
 
-fn host_busy_ticks(stat: &str) -> Option<u64> {
-    let mut fields = stat
-        .lines()
+/// The all-CPU line of /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal, ...
+fn host_cpu_fields(stat: &str) -> Option<Vec<u64>> {
+    stat.lines()
         .next()?
         .strip_prefix("cpu ")?
-        .split_whitespace();
-    let mut sum = 0;
-    // user, nice, system
-    for _ in 0..3 {
-        sum += fields.next()?.parse::<u64>().ok()?;
-    }
-    Some(sum)
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect()
+}
+
+fn host_busy_ticks(stat: &str) -> Option<u64> {
+    let fields = host_cpu_fields(stat)?;
+    Some(fields.get(..3)?.iter().sum())
+}
+
+fn host_steal_ticks(stat: &str) -> Option<u64> {
+    host_cpu_fields(stat)?.get(7).copied()
 }
 
 /// `usage_usec` of a cgroup v2 (every process below it, ever), seconds.
@@ -143,7 +159,16 @@ pub struct Background {
     cgroup: PathBuf,
     host: f64,
     ours: f64,
+    steal: f64,
     at: Instant,
+}
+
+/// What ran on the machine besides a measured run, averaged over it, in vCPUs.
+pub struct Interference {
+    /// CPU used outside the testbed's cgroup.
+    pub other_load: f64,
+    /// CPU time the hypervisor withheld from this VM.
+    pub steal: f64,
 }
 
 impl Background {
@@ -152,17 +177,22 @@ impl Background {
             cgroup: cgroup.to_path_buf(),
             host: host_busy_seconds()?,
             ours: cgroup_usage_seconds(cgroup)?,
+            steal: host_steal_seconds()?,
             at: Instant::now(),
         })
     }
 
-    /// vCPUs used outside the testbed on average since `start` (never below 0: the two
-    /// clocks tick at different resolutions).
-    pub fn finish(&self) -> Result<f64> {
+    /// The averages since `start` (other load never below 0: the two clocks it compares
+    /// tick at different resolutions).
+    pub fn finish(&self) -> Result<Interference> {
         let host = host_busy_seconds()? - self.host;
         let ours = cgroup_usage_seconds(&self.cgroup)? - self.ours;
+        let steal = host_steal_seconds()? - self.steal;
         let elapsed = self.at.elapsed().as_secs_f64().max(1e-3);
-        Ok(((host - ours) / elapsed).max(0.0))
+        Ok(Interference {
+            other_load: ((host - ours) / elapsed).max(0.0),
+            steal: (steal / elapsed).max(0.0),
+        })
     }
 }
 
@@ -224,6 +254,9 @@ mod tests {
         assert_eq!(status_field_kib(status, "VmSwap:"), None);
         let proc_stat = "cpu  100 5 50 9000 10 3 7 0 0 0\ncpu0 50 2 25 4500 5 1 3 0 0 0\n";
         assert_eq!(host_busy_ticks(proc_stat), Some(155));
+        let with_steal = "cpu  100 5 50 9000 10 3 7 42 0 0\n";
+        assert_eq!(host_steal_ticks(with_steal), Some(42));
+        assert_eq!(host_steal_ticks("cpu  1 2 3\n"), None);
     }
 
     #[test]

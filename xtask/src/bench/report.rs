@@ -61,6 +61,9 @@ pub struct LatencyCell {
     pub rounds: usize,
     /// Rounds that could not run at all.
     pub failures: Vec<String>,
+    /// Each round's `[p50, p99, requests]` per second of its measured window, so a path
+    /// that slows down under steady load can be told from one that is uniformly slow.
+    pub by_second: Vec<Value>,
 }
 
 impl LatencyCell {
@@ -79,6 +82,7 @@ impl LatencyCell {
         let lag = |q: &str| report["send_lag_us"][q].as_f64().unwrap_or(0.0);
         self.send_lag_p50_us = self.send_lag_p50_us.max(lag("p50"));
         self.send_lag_p99_us = self.send_lag_p99_us.max(lag("p99"));
+        self.by_second.push(report["latency_by_second_us"].clone());
     }
 
     /// The latency at quantile `q`, microseconds.
@@ -102,6 +106,16 @@ impl LatencyCell {
     pub fn cpu_per_1000(&self) -> Option<f64> {
         per_1000(&self.proxy_cpu_s, self.all_requests)
     }
+}
+
+/// Mean and worst of per-run figures (background load, steal), vCPU.
+fn mean_and_worst(per_run: &[f64]) -> Option<(f64, f64)> {
+    (!per_run.is_empty()).then(|| {
+        (
+            per_run.iter().sum::<f64>() / per_run.len() as f64,
+            per_run.iter().cloned().fold(0.0, f64::max),
+        )
+    })
 }
 
 /// The value at quantile `q` of a merged histogram: the smallest bucket whose cumulative
@@ -336,6 +350,8 @@ pub struct Results {
     pub failures: Vec<String>,
     /// vCPUs the rest of the machine used during each measured run.
     pub background_vcpu: Vec<f64>,
+    /// Per measured run: vCPU time the hypervisor took (steal), on average.
+    pub steal_vcpu: Vec<f64>,
     pub took: Duration,
 }
 
@@ -360,6 +376,7 @@ impl Results {
             runs: Vec::new(),
             failures: Vec::new(),
             background_vcpu: Vec::new(),
+            steal_vcpu: Vec::new(),
             took: Duration::ZERO,
         }
     }
@@ -392,11 +409,18 @@ impl Results {
             m.nproc, m.cpu_model, m.memory, m.kernel, m.load_before, m.load_after, m.stunnel
         );
         let _ = writeln!(md, "Method: {}\n", self.plan_text);
-        if let Some((mean, worst)) = self.background() {
+        if let Some((mean, worst)) = mean_and_worst(&self.background_vcpu) {
             let _ = writeln!(
                 md,
                 "Other load on the machine (CPU used outside the benchmark's processes during the measured runs): \
                  {mean:.2} vCPU on average, {worst:.2} vCPU in the worst run.\n"
+            );
+        }
+        if let Some((mean, worst)) = mean_and_worst(&self.steal_vcpu) {
+            let _ = writeln!(
+                md,
+                "Steal (time the hypervisor gave this VM's vCPUs to others while they had work; it delays wake-ups \
+                 and makes runs at different times disagree): {mean:.3} vCPU on average, {worst:.3} vCPU in the worst run.\n"
             );
         }
         let _ = writeln!(
@@ -439,17 +463,6 @@ impl Results {
             .map(|i| i.errors + i.open.saturating_sub(i.alive_at_end))
             .sum();
         latency + measures + idle
-    }
-
-    /// Mean and worst background load over the measured runs, vCPU.
-    pub fn background(&self) -> Option<(f64, f64)> {
-        let b = &self.background_vcpu;
-        (!b.is_empty()).then(|| {
-            (
-                b.iter().sum::<f64>() / b.len() as f64,
-                b.iter().cloned().fold(0.0, f64::max),
-            )
-        })
     }
 
     fn latency_table(&self, md: &mut String) {
@@ -965,6 +978,7 @@ impl Results {
                     "proxy_cpu_s_per_1000_requests": c.cpu_per_1000(),
                     "send_lag_p50_us": c.send_lag_p50_us, "send_lag_p99_us": c.send_lag_p99_us,
                     "saturated": c.saturated(), "stalled": c.stalled(),
+                    "p50_p99_requests_by_second_us": c.by_second,
                 })
             })
             .collect();
@@ -1016,7 +1030,8 @@ impl Results {
                 "proxy_fds": i.fds, "failure": i.failure,
             }))).collect::<serde_json::Map<_, _>>(),
             "failures": self.failures,
-            "background_vcpu": {"mean": self.background().map(|b| b.0), "worst": self.background().map(|b| b.1)},
+            "background_vcpu": {"mean": mean_and_worst(&self.background_vcpu).map(|b| b.0), "worst": mean_and_worst(&self.background_vcpu).map(|b| b.1)},
+            "steal_vcpu": {"mean": mean_and_worst(&self.steal_vcpu).map(|b| b.0), "worst": mean_and_worst(&self.steal_vcpu).map(|b| b.1)},
             "runs": self.runs,
         })
     }

@@ -282,11 +282,12 @@ impl<'a> Runner<'a> {
                     Ok((report, cpu, rss_peak)) => {
                         cell.add_run(&report, &cpu);
                         say(format!(
-                            "{label}: p50 {} p99 {} p99.9 {} µs, {} errors",
+                            "{label}: p50 {} p99 {} p99.9 {} µs, {} errors; p50 by second {}",
                             report["latency_us"]["p50"],
                             report["latency_us"]["p99"],
                             report["latency_us"]["p999"],
-                            report["errors"]
+                            report["errors"],
+                            p50_by_second(&report)
                         ));
                         if conn == Conn::KeepAlive && rate == 1000 && rss_peak > 0 {
                             let peak = self.results.rss_1000_kib.entry(setup).or_default();
@@ -541,9 +542,10 @@ impl<'a> Runner<'a> {
         let sampler = RssSampler::start(pids.clone());
         let background = Background::start(&self.bed.cgroup()?)?;
         let outcome = self.client(setup, a, timeout);
-        let background = background.finish()?;
+        let interference = background.finish()?;
         let rss_peak = sampler.finish();
-        self.results.background_vcpu.push(background);
+        self.results.background_vcpu.push(interference.other_load);
+        self.results.steal_vcpu.push(interference.steal);
         self.bed.check_alive()?;
         let cpu: Vec<f64> = pids
             .iter()
@@ -561,7 +563,8 @@ impl<'a> Runner<'a> {
                 }
                 self.results.runs.push(json!({
                     "scenario": label, "setup": setup.name(), "proxy_cpu_s": cpu,
-                    "background_vcpu": background, "report": raw,
+                    "background_vcpu": interference.other_load,
+                    "steal_vcpu": interference.steal, "report": raw,
                 }));
                 Ok(Ok((report, cpu, rss_peak)))
             }
@@ -675,6 +678,20 @@ fn secs(d: Duration) -> String {
 
 fn say(message: impl std::fmt::Display) {
     println!("bench: {message}");
+}
+
+/// The per-second p50s of a `rate` report, e.g. `410 / 415 / 690` (µs).
+fn p50_by_second(report: &Value) -> String {
+    let p50s: Vec<String> = report["latency_by_second_us"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|second| match second[0].as_f64() {
+            Some(us) => format!("{us:.0}"),
+            None => "-".into(),
+        })
+        .collect();
+    p50s.join(" / ")
 }
 
 #[cfg(test)]

@@ -80,6 +80,10 @@ struct ThreadResult {
     tally: Tally,
     /// Requests answered during the warm-up (not in the figures, but they cost CPU).
     warmup_ok: u64,
+    /// Latencies (ns) by the second of the measured window their request was due in: a
+    /// path that slows down under steady load shows as a trend here, which the whole-run
+    /// percentiles hide.
+    by_second: Vec<Vec<u64>>,
 }
 
 impl ThreadResult {
@@ -90,7 +94,15 @@ impl ThreadResult {
             send_lag: Latency::new(),
             tally: Tally::default(),
             warmup_ok: 0,
+            by_second: Vec::new(),
         }
+    }
+
+    fn record_in_second(&mut self, second: usize, ns: u64) {
+        if self.by_second.len() <= second {
+            self.by_second.resize_with(second + 1, Vec::new);
+        }
+        self.by_second[second].push(ns);
     }
 
     fn merge(&mut self, other: ThreadResult) {
@@ -99,6 +111,30 @@ impl ThreadResult {
         self.send_lag.merge(&other.send_lag);
         self.tally.merge(other.tally);
         self.warmup_ok += other.warmup_ok;
+        if self.by_second.len() < other.by_second.len() {
+            self.by_second.resize_with(other.by_second.len(), Vec::new);
+        }
+        for (mine, theirs) in self.by_second.iter_mut().zip(other.by_second) {
+            mine.extend(theirs);
+        }
+    }
+
+    /// `[[p50, p99, count], ...]` per second of the measured window, microseconds.
+    fn timeline_us(&mut self) -> Value {
+        let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
+        let seconds: Vec<Value> = self
+            .by_second
+            .iter_mut()
+            .map(|samples| {
+                if samples.is_empty() {
+                    return json!([null, null, 0]);
+                }
+                samples.sort_unstable();
+                let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+                json!([us(at(0.50)), us(at(0.99)), samples.len()])
+            })
+            .collect();
+        json!(seconds)
     }
 }
 
@@ -138,6 +174,12 @@ pub fn rate(opts: RateOptions) -> Result<Value> {
     let start = now_ns() + 20_000_000;
     let measure_from = start + opts.warmup.as_nanos() as u64;
     let end = measure_from + opts.duration.as_nanos() as u64;
+    // Wall-clock time of the measured window's start, to line the per-second figures up
+    // with other logs (the agents', perf, a scheduler trace).
+    let measured_from_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+        + measure_from.saturating_sub(now_ns()) as f64 / 1e9;
     let interval = 1e9 / opts.rate;
     let request = &request;
     let results: Vec<ThreadResult> = std::thread::scope(|scope| {
@@ -167,6 +209,8 @@ pub fn rate(opts: RateOptions) -> Result<Value> {
                             Ok(()) => {
                                 result.tally.ok += 1;
                                 result.latency.record_ns(done - intended);
+                                let second = (intended - measure_from) / 1_000_000_000;
+                                result.record_in_second(second as usize, done - intended);
                                 result.service.record_ns(done - sent);
                                 result.send_lag.record_ns(sent.saturating_sub(intended));
                             }
@@ -198,6 +242,8 @@ pub fn rate(opts: RateOptions) -> Result<Value> {
         "latency_us": total.latency.summary_us(),
         "service_us": total.service.summary_us(),
         "send_lag_us": total.send_lag.summary_us(),
+        "measured_from_unix_s": measured_from_unix_s,
+        "latency_by_second_us": total.timeline_us(),
     });
     if opts.histogram {
         report["latency_histogram"] = total.latency.buckets();
@@ -310,4 +356,31 @@ fn join_worker<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
     handle
         .join()
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_merges_threads_by_second_and_marks_empty_seconds() {
+        let mut a = ThreadResult::new();
+        for ns in [100_000, 300_000, 200_000] {
+            a.record_in_second(0, ns);
+        }
+        a.record_in_second(2, 900_000);
+        let mut b = ThreadResult::new();
+        b.record_in_second(0, 400_000);
+        b.record_in_second(3, 50_000);
+        a.merge(b);
+        assert_eq!(
+            a.timeline_us(),
+            json!([
+                [300.0, 400.0, 4],
+                [null, null, 0],
+                [900.0, 900.0, 1],
+                [50.0, 50.0, 1]
+            ])
+        );
+    }
 }
