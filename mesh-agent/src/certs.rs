@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::IdentitySettings;
+use crate::identity::authority::TrustBundle;
 use crate::identity::{Authority, SpiffeId, TrustDomain, WorkloadCert};
 use crate::metrics::Metrics;
 
@@ -37,9 +38,13 @@ pub struct Trust {
 
 impl Trust {
     fn of(authority: &Authority) -> Trust {
+        Trust::of_bundle(authority.bundle())
+    }
+
+    pub fn of_bundle(bundle: &TrustBundle) -> Trust {
         Trust {
-            anchors: authority.bundle().trust_anchors().to_vec(),
-            trust_domain: authority.bundle().trust_domain().clone(),
+            anchors: bundle.trust_anchors().to_vec(),
+            trust_domain: bundle.trust_domain().clone(),
         }
     }
 
@@ -137,6 +142,12 @@ impl Certs {
     /// A number that changes whenever the trust material does (for caches of TLS configs).
     pub fn generation(&self) -> u64 {
         *self.generation.borrow()
+    }
+
+    /// Fires whenever the trust material changes: live tunnel connections check their peers
+    /// against the new bundle then.
+    pub fn watch_trust(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     fn authority(&self) -> Arc<Authority> {

@@ -134,7 +134,7 @@ pub struct DirectionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeErrorLabels {
+pub struct DirectionReasonLabels {
     pub direction: &'static str,
     pub reason: &'static str,
 }
@@ -271,7 +271,8 @@ pub struct Metrics {
     tunnel_connections_opened: Family<DirectionLabels, Counter>,
     tunnel_connections_active: Family<DirectionLabels, Gauge>,
     tunnel_streams_opened: Family<DirectionLabels, Counter>,
-    tunnel_handshake_errors: Family<HandshakeErrorLabels, Counter>,
+    tunnel_handshake_errors: Family<DirectionReasonLabels, Counter>,
+    tunnel_connections_retired: Family<DirectionReasonLabels, Counter>,
     policy_denials: Family<DenialLabels, Counter>,
     anchor_expiry: Family<AnchorLabels, Gauge>,
     issuer_expiry: Family<AnchorLabels, Gauge>,
@@ -358,6 +359,7 @@ impl Metrics {
             tunnel_connections_active: Family::default(),
             tunnel_streams_opened: Family::default(),
             tunnel_handshake_errors: Family::default(),
+            tunnel_connections_retired: Family::default(),
             policy_denials: Family::default(),
             anchor_expiry: Family::default(),
             issuer_expiry: Family::default(),
@@ -489,6 +491,11 @@ impl Metrics {
             "mesh_tunnel_handshake_errors",
             "Tunnel connections that failed before carrying a stream, by direction and reason",
             m.tunnel_handshake_errors.clone(),
+        );
+        reg.register(
+            "mesh_tunnel_connections_retired",
+            "Tunnel connections retired because the peer's authentication lapsed, by direction and reason",
+            m.tunnel_connections_retired.clone(),
         );
         reg.register(
             "mesh_policy_denials",
@@ -703,7 +710,15 @@ impl Metrics {
 
     pub fn tunnel_handshake_error(&self, direction: &'static str, reason: &'static str) {
         self.tunnel_handshake_errors
-            .get_or_create(&HandshakeErrorLabels { direction, reason })
+            .get_or_create(&DirectionReasonLabels { direction, reason })
+            .inc();
+    }
+
+    /// `reason`: `peer_expired` (the peer's certificate expired) or `peer_untrusted` (the
+    /// trust bundle no longer vouches for the peer).
+    pub fn tunnel_connection_retired(&self, direction: &'static str, reason: &'static str) {
+        self.tunnel_connections_retired
+            .get_or_create(&DirectionReasonLabels { direction, reason })
             .inc();
     }
 

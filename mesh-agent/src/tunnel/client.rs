@@ -4,14 +4,15 @@
 //! address): it authenticates exactly one pair of identities, so it can never carry a stream
 //! for another workload. Many streams share one connection; a connection with no stream for
 //! `idle_timeout` is closed. After the trust material changes, new streams go over new
-//! connections (made with the new chain) while the old ones finish their streams and idle out.
+//! connections (made with the new chain) while the old ones finish their streams and idle out;
+//! so does a connection whose peer's certificate has expired ([`super::reauth`]).
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
@@ -21,12 +22,14 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use super::reauth::{Lapse, PeerWatch};
 use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
 use super::{StreamMeta, tls};
 use crate::certs::{Certs, WorkloadSlot};
 use crate::identity::SpiffeId;
+use crate::identity::authority::PeerRole;
 use crate::metrics::Metrics;
 use crate::netns::NetnsWorker;
 
@@ -75,6 +78,8 @@ struct Connection {
     streams: Arc<AtomicUsize>,
     last_used: Arc<Mutex<Instant>>,
     generation: u64,
+    /// When the peer's certificate chain expires: no new streams from then on.
+    peer_expires: SystemTime,
 }
 
 impl Connection {
@@ -86,6 +91,7 @@ impl Connection {
         !self.is_broken()
             && self.generation == generation
             && self.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
+            && SystemTime::now() < self.peer_expires
     }
 }
 
@@ -317,6 +323,15 @@ impl Pool {
             })?
             .map_err(|e| TunnelError::Handshake { peer, source: e })?;
 
+        // The verifier accepted the chain; keep it to check again when the bundle changes.
+        let chain = tls::PeerChain::of(tls.get_ref().1, PeerRole::Server).ok_or_else(|| {
+            TunnelError::Handshake {
+                peer,
+                source: io::Error::other("the peer's certificate chain cannot be read back"),
+            }
+        })?;
+        let peer_expires = chain.expires();
+
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
@@ -324,13 +339,20 @@ impl Pool {
             .await?;
         let active = self.metrics.tunnel_connection_opened("outbound");
         info!(task = %source.task, source = %source.slot.id(), destination = %destination, %peer, "tunnel connection established");
-        tokio::spawn(drive(connection, active, peer));
+        tokio::spawn(drive(
+            connection,
+            active,
+            peer,
+            PeerWatch::new(chain, self.certs.clone()),
+            self.metrics.clone(),
+        ));
         Ok(Connection {
             sender,
             broken: Arc::new(AtomicBool::new(false)),
             streams: Arc::new(AtomicUsize::new(0)),
             last_used: Arc::new(Mutex::new(Instant::now())),
             generation,
+            peer_expires,
         })
     }
 
@@ -356,14 +378,35 @@ impl Pool {
     }
 }
 
-async fn drive<C>(connection: C, active: Gauge, peer: SocketAddr)
-where
+/// Runs the HTTP/2 connection until it ends, and reports when its peer's authentication
+/// lapses (see [`super::reauth`]). Nothing else is needed here: an expired peer fails
+/// [`Connection::usable`], a bundle change bumps the generation, so either way the pool
+/// opens new streams elsewhere and this connection ends once its open streams have, like any
+/// idle one.
+async fn drive<C>(
+    connection: C,
+    active: Gauge,
+    peer: SocketAddr,
+    mut watch: PeerWatch,
+    metrics: Arc<Metrics>,
+) where
     C: std::future::Future<Output = Result<(), hyper::Error>>,
 {
-    if let Err(e) = connection.await {
-        debug!(%peer, error = %e, "tunnel connection ended with an error");
-    } else {
-        debug!(%peer, "tunnel connection closed");
+    tokio::pin!(connection);
+    let ended = tokio::select! {
+        ended = &mut connection => ended,
+        lapse = watch.next() => {
+            metrics.tunnel_connection_retired("outbound", lapse.reason());
+            match lapse {
+                Lapse::Expired => info!(%peer, "the peer's certificate expired: this tunnel connection takes no new streams; open ones finish"),
+                Lapse::Untrusted(e) => warn!(%peer, error = %e, "the trust bundle no longer vouches for this tunnel connection's peer: it takes no new streams; open ones finish"),
+            }
+            connection.await
+        }
+    };
+    match ended {
+        Err(e) => debug!(%peer, error = %e, "tunnel connection ended with an error"),
+        Ok(()) => debug!(%peer, "tunnel connection closed"),
     }
     active.dec();
 }

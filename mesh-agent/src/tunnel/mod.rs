@@ -9,6 +9,7 @@
 mod client;
 mod hostports;
 mod meta;
+mod reauth;
 mod server;
 mod tls;
 

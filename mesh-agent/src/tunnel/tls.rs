@@ -23,6 +23,7 @@ use rustls::{
 
 use super::hostports::HostPorts;
 use crate::certs::{Trust, WorkloadSlot};
+use crate::identity::authority::PeerRole;
 use crate::identity::{SpiffeId, spiffe_id_of_cert};
 
 /// ALPN of the tunnel: HTTP/2 (CONNECT streams).
@@ -118,6 +119,91 @@ impl ResolvesServerCert for ByServerName {
 pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
     let leaf = conn.peer_certificates()?.first()?;
     spiffe_id_of_cert(leaf).ok()
+}
+
+/// Farther than any expiry timer needs to look (a test CA of ten years would otherwise be
+/// added to tokio's clock as is).
+const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// The chain a peer presented in the handshake, kept for the life of the connection so it can
+/// be checked again when this agent's trust bundle changes: a connection must not outlive the
+/// trust in the anchor it was authenticated under.
+pub struct PeerChain {
+    end_entity: CertificateDer<'static>,
+    intermediates: Vec<CertificateDer<'static>>,
+    role: PeerRole,
+    /// When the handshake verified it (about: when it was kept).
+    verified_at: UnixTime,
+    /// The earliest `notAfter` in the chain: from then on the authentication has expired.
+    expires: std::time::SystemTime,
+}
+
+impl PeerChain {
+    /// The chain of an established connection (`None` before the handshake, or when the peer
+    /// sent no certificate or one that does not parse; the verifier refuses both).
+    pub fn of(conn: &rustls::CommonState, role: PeerRole) -> Option<PeerChain> {
+        PeerChain::from_presented(conn.peer_certificates()?, role)
+    }
+
+    /// The chain as presented: the end entity first, then intermediates.
+    fn from_presented(presented: &[CertificateDer<'_>], role: PeerRole) -> Option<PeerChain> {
+        let (end_entity, intermediates) = presented.split_first()?;
+        let expires = presented
+            .iter()
+            .map(|der| {
+                x509_parser::parse_x509_certificate(der)
+                    .map(|(_, c)| crate::identity::certs::asn1_to_system(c.validity().not_after))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?
+            .into_iter()
+            .min()?;
+        Some(PeerChain {
+            end_entity: end_entity.clone().into_owned(),
+            intermediates: intermediates
+                .iter()
+                .map(|c| c.clone().into_owned())
+                .collect(),
+            role,
+            verified_at: UnixTime::now(),
+            expires,
+        })
+    }
+
+    /// When the chain's first certificate expires.
+    pub fn expires(&self) -> std::time::SystemTime {
+        self.expires
+    }
+
+    /// [`PeerChain::expires`] on tokio's clock, for a timer (now when it has passed).
+    pub fn expiry_deadline(&self) -> tokio::time::Instant {
+        let left = self
+            .expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tokio::time::Instant::now() + left.min(FAR)
+    }
+
+    /// Checks the chain again against `trust` (the bundle as it is now), at the time the
+    /// handshake checked it: expiry is handled on its own (new streams stop, open ones
+    /// finish), so the only question here is whether the anchors still vouch for the peer.
+    pub fn verify_against(&self, trust: Arc<Trust>) -> Result<SpiffeId, rustls::Error> {
+        let verifier = PeerVerifier {
+            algs: provider().signature_verification_algorithms,
+            trust,
+            expected: None,
+        };
+        let usage = match self.role {
+            PeerRole::Server => webpki::KeyUsage::server_auth(),
+            PeerRole::Client => webpki::KeyUsage::client_auth(),
+        };
+        verifier.verify(
+            &self.end_entity,
+            &self.intermediates,
+            self.verified_at,
+            usage,
+        )
+    }
 }
 
 /// Presents the slot's current workload certificate.
@@ -284,4 +370,92 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
         e => return other(format!("certificate rejected: {e}")),
     };
     rustls::Error::InvalidCertificate(ce)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::identity::TrustDomain;
+    use crate::identity::authority::{Authority, Issuer, TrustBundle};
+    use crate::identity::certs::{SigningCa, new_issuer, new_trust_anchor};
+
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+    fn td() -> TrustDomain {
+        "example.org".parse().unwrap()
+    }
+
+    fn bundle_of(anchors: &[&SigningCa]) -> TrustBundle {
+        let pem: String = anchors.iter().map(|a| a.cert_pem()).collect();
+        TrustBundle::from_pem(pem.as_bytes(), "test-bundle").unwrap()
+    }
+
+    /// A workload chain (leaf, issuer) under `anchor`, valid for `ttl`.
+    fn chain_under(anchor: &SigningCa, ttl: Duration) -> Vec<CertificateDer<'static>> {
+        let now = SystemTime::now();
+        let bundle = bundle_of(&[anchor]);
+        let issuer = Issuer::new(
+            new_issuer(anchor, YEAR / 12, now).unwrap(),
+            "issuer",
+            &bundle,
+        )
+        .unwrap();
+        let authority = Authority::new(bundle, issuer, now).unwrap();
+        let id = "spiffe://example.org/aws/111122223333/role/orders"
+            .parse()
+            .unwrap();
+        authority.mint(&id, ttl, now).unwrap().chain
+    }
+
+    #[test]
+    fn a_kept_chain_is_checked_against_the_bundle_as_it_is_now() {
+        let now = SystemTime::now();
+        let old = new_trust_anchor(&td(), YEAR, now).unwrap();
+        let new = new_trust_anchor(&td(), YEAR, now).unwrap();
+        let chain = chain_under(&old, Duration::from_secs(3600));
+        let kept = PeerChain::from_presented(&chain, PeerRole::Client).unwrap();
+        let trust = |anchors: &[&SigningCa]| Arc::new(Trust::of_bundle(&bundle_of(anchors)));
+
+        // The bundle it was accepted under, and the middle of a rotation: still vouched for.
+        let id = kept.verify_against(trust(&[&old])).unwrap();
+        assert_eq!(
+            id.to_string(),
+            "spiffe://example.org/aws/111122223333/role/orders"
+        );
+        kept.verify_against(trust(&[&new, &old])).unwrap();
+        // The old anchor dropped: no longer.
+        let err = kept.verify_against(trust(&[&new])).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+            ),
+            "{err:?}"
+        );
+        // Workload leaves serve both ends of a tunnel: the server role verifies the same way.
+        let as_server = PeerChain::from_presented(&chain, PeerRole::Server).unwrap();
+        as_server.verify_against(trust(&[&old])).unwrap();
+        assert!(as_server.verify_against(trust(&[&new])).is_err());
+    }
+
+    #[test]
+    fn a_kept_chain_expires_with_its_first_certificate_and_needs_one() {
+        let now = SystemTime::now();
+        let anchor = new_trust_anchor(&td(), YEAR, now).unwrap();
+        let chain = chain_under(&anchor, Duration::from_secs(600));
+        let kept = PeerChain::from_presented(&chain, PeerRole::Server).unwrap();
+        // The leaf (10 minutes) expires before its issuer (a month); second precision.
+        let left = kept.expires().duration_since(now).unwrap();
+        assert!(
+            left > Duration::from_secs(590) && left <= Duration::from_secs(601),
+            "{left:?}"
+        );
+        let deadline = kept.expiry_deadline() - tokio::time::Instant::now();
+        assert!(deadline <= Duration::from_secs(601), "{deadline:?}");
+        assert!(PeerChain::from_presented(&[], PeerRole::Server).is_none());
+        let garbage = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01])];
+        assert!(PeerChain::from_presented(&garbage, PeerRole::Server).is_none());
+    }
 }
