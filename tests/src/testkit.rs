@@ -177,6 +177,25 @@ pub struct LoadReport {
     pub stderr: String,
 }
 
+impl LoadReport {
+    /// Fails unless the stopped run had no failed request and exited cleanly; `during` says
+    /// what the load ran across, for the message.
+    pub fn ensure_none_failed(&self, during: &str) -> Result<()> {
+        anyhow::ensure!(
+            self.failed == 0 && self.failures.is_empty(),
+            "{} requests failed {during}:\n{}\n{}",
+            self.failed,
+            self.failures.join("\n"),
+            self.stderr
+        );
+        anyhow::ensure!(
+            self.status.is_some_and(|s| s.success()),
+            "the load client did not exit cleanly: {self:?}"
+        );
+        Ok(())
+    }
+}
+
 /// A `mesh-testkit client --mode load` running in a task against an echo server: requests
 /// in a loop, counted, until [`LoadClient::stop`]. Killed if dropped.
 pub struct LoadClient {
