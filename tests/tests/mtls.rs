@@ -1115,7 +1115,9 @@ fn tunnel_connection_is_retired_when_the_peers_certificate_expires() {
 /// node 1 counts it too when its reload comes first) and the long-lived connection keeps
 /// working (TLS 1.3 cannot re-authenticate in place, and cutting open connections at every
 /// rotation would be an outage; docs/identity.md).
-/// Control: the first two steps, which keep the old anchor, retire nothing.
+/// On the way, a connection left without streams by a change of trust material is closed
+/// at the next sweep of the pool. Control: the first two steps, which keep the old anchor,
+/// retire nothing.
 #[test]
 fn dropping_an_anchor_retires_tunnel_connections_authenticated_under_it() {
     let init = TrustInit {
@@ -1124,8 +1126,16 @@ fn dropping_an_anchor_retires_tunnel_connections_authenticated_under_it() {
     };
     with_mesh(init, |m| {
         let echo = m.kit.serve(&m.b, addr(m.b.ip(), 9001), ServeMode::Echo)?;
-        let agent1 = Agent::start(&m.n1, &m.node1().render())?;
-        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        // A 20 s idle timeout: the pool is swept every 5 s.
+        let idle = "\"20s\"";
+        let agent1 = Agent::start(
+            &m.n1,
+            &m.node1().agent("tunnel_idle_timeout", idle).render(),
+        )?;
+        let agent2 = Agent::start(
+            &m.n2,
+            &m.node2().agent("tunnel_idle_timeout", idle).render(),
+        )?;
         let agents = [&agent1, &agent2];
         let old = m.trust.anchor_ids()?.remove(0);
         let opts = LoadOptions {
@@ -1151,6 +1161,19 @@ fn dropping_an_anchor_retires_tunnel_connections_authenticated_under_it() {
             wait_trust_state(agent, &[&old, &new], &new)?;
         }
         load.wait_for_successes(20, SHORT)?;
+        // Each step bumped the trust generation, so node 1 dialled a new connection for the
+        // streams after it. The one from after add-anchor carries nothing now and can never
+        // carry anything again: it is closed at the next sweep, not after the idle timeout.
+        // Left: the first (the long-lived connection rides it) and the current one.
+        let outbound = [("direction", "outbound")];
+        let opened = agent1.metric_sum(TUNNEL_OPENED, &outbound)?;
+        ensure!(
+            opened == 3.0,
+            "node 1 opened {opened} tunnel connections, expected one per trust generation (3)"
+        );
+        agent1.wait_metric(TUNNEL_ACTIVE, &outbound, Duration::from_secs(9), |v| {
+            v == 2.0
+        })?;
         for (agent, what) in [(&agent1, "node 1"), (&agent2, "node 2")] {
             let retired = agent.metric_sum(RETIRED, &[])?;
             ensure!(

@@ -4,8 +4,9 @@
 //! address): it authenticates exactly one pair of identities, so it can never carry a stream
 //! for another workload. Many streams share one connection; a connection with no stream for
 //! `idle_timeout` is closed. After the trust material changes, new streams go over new
-//! connections (made with the new chain) while the old ones finish their streams and idle out;
-//! so does a connection whose peer's certificate has expired ([`super::reauth`]).
+//! connections (made with the new chain) while the old ones finish their streams and are
+//! closed at the next sweep after their last one; so is a connection whose peer's
+//! certificate has expired ([`super::reauth`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -20,11 +21,11 @@ use hyper::body::Bytes;
 use hyper::client::conn::http2;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prometheus_client::metrics::gauge::Gauge;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
 use super::reauth::{Lapse, PeerWatch};
+use super::tracked::Tracked;
 use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
 use super::{StreamMeta, tls};
 use crate::certs::{Certs, WorkloadSlot};
@@ -89,9 +90,14 @@ impl Connection {
 
     fn usable(&self, generation: u64) -> bool {
         !self.is_broken()
-            && self.generation == generation
+            && !self.retired(generation)
             && self.streams.load(Ordering::Relaxed) < MAX_STREAMS_PER_CONNECTION
-            && SystemTime::now() < self.peer_expires
+    }
+
+    /// Made under other trust material, or its peer's certificate has expired: it carries
+    /// the streams it has and never takes another.
+    fn retired(&self, generation: u64) -> bool {
+        self.generation != generation || SystemTime::now() >= self.peer_expires
     }
 }
 
@@ -332,16 +338,16 @@ impl Pool {
         })?;
         let peer_expires = chain.expires();
 
+        // Counted from the TLS handshake on, until the socket is dropped.
+        let tls = Tracked::new(tls, self.metrics.tunnel_connection_opened("outbound"));
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .handshake(TokioIo::new(tls))
             .await?;
-        let active = self.metrics.tunnel_connection_opened("outbound");
         info!(task = %source.task, source = %source.slot.id(), destination = %destination, %peer, "tunnel connection established");
         tokio::spawn(drive(
             connection,
-            active,
             peer,
             PeerWatch::new(chain, self.certs.clone()),
             self.metrics.clone(),
@@ -356,8 +362,10 @@ impl Pool {
         })
     }
 
-    /// Drops connections idle for longer than the idle timeout, and closed ones.
+    /// Drops closed connections, and those without streams that are idle for longer than the
+    /// idle timeout or retired (they would only wait for the timeout, unusable).
     fn reap_idle(&self) {
+        let generation = self.certs.generation();
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.retain(|_, slot| {
             // A key being dialled right now is kept as is.
@@ -365,31 +373,28 @@ impl Pool {
                 return true;
             };
             connections.retain(|c| {
-                let idle = c.streams.load(Ordering::Relaxed) == 0
-                    && c.last_used
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .elapsed()
-                        >= self.idle_timeout;
-                !idle && !c.is_broken()
+                let done = c.streams.load(Ordering::Relaxed) == 0
+                    && (c.retired(generation)
+                        || c.last_used
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .elapsed()
+                            >= self.idle_timeout);
+                !done && !c.is_broken()
             });
             !connections.is_empty()
         });
     }
 }
 
-/// Runs the HTTP/2 connection until it ends, and reports when its peer's authentication
-/// lapses (see [`super::reauth`]). Nothing else is needed here: an expired peer fails
-/// [`Connection::usable`], a bundle change bumps the generation, so either way the pool
+/// Runs hyper's side of the HTTP/2 connection (the request dispatcher: it can end before the
+/// connection does, which runs in a task of hyper's own), and reports when the peer's
+/// authentication lapses (see [`super::reauth`]). Nothing else is needed here: an expired peer
+/// fails [`Connection::usable`], a bundle change bumps the generation, so either way the pool
 /// opens new streams elsewhere and this connection ends once its open streams have, like any
 /// idle one.
-async fn drive<C>(
-    connection: C,
-    active: Gauge,
-    peer: SocketAddr,
-    mut watch: PeerWatch,
-    metrics: Arc<Metrics>,
-) where
+async fn drive<C>(connection: C, peer: SocketAddr, mut watch: PeerWatch, metrics: Arc<Metrics>)
+where
     C: std::future::Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(connection);
@@ -408,7 +413,6 @@ async fn drive<C>(
         Err(e) => debug!(%peer, error = %e, "tunnel connection ended with an error"),
         Ok(()) => debug!(%peer, "tunnel connection closed"),
     }
-    active.dec();
 }
 
 async fn reap(pool: std::sync::Weak<Pool>) {

@@ -12,6 +12,7 @@ mod meta;
 mod reauth;
 mod server;
 mod tls;
+mod tracked;
 
 use std::time::Duration;
 

@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::hostports::HostPorts;
 use super::reauth::{Lapse, PeerWatch};
+use super::tracked::Tracked;
 use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
 use super::{StreamMeta, tls};
 use crate::certs::{Certs, WorkloadSlot};
@@ -198,12 +199,11 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<InboundC
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .serve_connection(TokioIo::new(tls), service);
+        .serve_connection(TokioIo::new(Tracked::new(tls, active)), service);
     let served = serve_while_authenticated(connection, &ctx, chain, peer).await;
     if let Err(e) = served {
         debug!(task = %ctx.scope.name(), %peer, error = %e, "tunnel connection ended with an error");
     }
-    active.dec();
 }
 
 /// Serves a tunnel connection, retiring it when its client's authentication lapses (see
