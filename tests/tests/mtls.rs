@@ -1041,7 +1041,8 @@ fn trust_rotation_under_load_fails_no_request() {
 /// 6 s node 1 stops opening streams on it (`peer_expired`, outbound) and opens a new
 /// connection for the next ones; at about 12 s node 2 retires it too (inbound) and sends
 /// GOAWAY. A long-lived connection opened on it first keeps working throughout, and no
-/// request fails. Control: nothing is retired before a leaf could have expired.
+/// request fails. Control: neither end retires anything before the leaf it checks could
+/// have expired.
 #[test]
 fn tunnel_connection_is_retired_when_the_peers_certificate_expires() {
     let init = TrustInit {
@@ -1050,9 +1051,13 @@ fn tunnel_connection_is_retired_when_the_peers_certificate_expires() {
     };
     with_mesh(init, |m| {
         let echo = m.kit.serve(&m.b, addr(m.b.ip(), 9001), ServeMode::Echo)?;
+        // Before the agents start, so every leaf expires at least its lifetime after this
+        // (less the second the certificates' times are rounded to): a retirement seen
+        // earlier than that was not caused by an expiry. A slow machine only makes what
+        // follows later, never earlier.
+        let started = Instant::now();
         let agent1 = Agent::start(&m.n1, &m.node1().workload_cert_ttl("12s").render())?;
         let agent2 = Agent::start(&m.n2, &m.node2().workload_cert_ttl("6s").render())?;
-        let started = Instant::now();
         let opts = LoadOptions {
             workers: 1,
             long_lived: 1,
@@ -1062,35 +1067,33 @@ fn tunnel_connection_is_retired_when_the_peers_certificate_expires() {
         load.wait_for_successes(20, SHORT)?;
         let outbound = [("direction", "outbound")];
         let opened_before = agent1.metric_sum(TUNNEL_OPENED, &outbound)?;
-        ensure!(
-            started.elapsed() < Duration::from_secs(5)
-                && agent1.metric_sum(RETIRED, &[])? == 0.0
-                && agent2.metric_sum(RETIRED, &[])? == 0.0,
-            "a tunnel connection was retired before any certificate could expire ({:?} in)",
-            started.elapsed()
-        );
 
-        // b's first leaf (minted when node 2's agent started) expires after 6 s: node 1
-        // retires the connection and opens the next streams over a new one.
+        // b's first leaf expires 6 s after it was minted: node 1 retires the connection and
+        // opens the next streams over a new one.
         let out_expired = [("direction", "outbound"), ("reason", "peer_expired")];
-        agent1.wait_metric_sum(RETIRED, &out_expired, Duration::from_secs(15), |v| v >= 1.0)?;
+        agent1.wait_metric_sum(RETIRED, &out_expired, Duration::from_secs(20), |v| v >= 1.0)?;
+        let at = started.elapsed();
+        ensure!(
+            at >= Duration::from_secs(5),
+            "node 1 retired a connection {at:?} in, before b's first leaf (6 s) could expire"
+        );
         let opened =
             agent1.wait_metric_sum(TUNNEL_OPENED, &outbound, SHORT, |v| v > opened_before)?;
         println!(
-            "{:?}: node 1 retired the connection; tunnel connections opened: {opened_before} before, {opened} after",
-            started.elapsed()
-        );
-        ensure!(
-            agent2.metric_sum(RETIRED, &[])? == 0.0,
-            "node 2 retired a connection before a's first leaf (12 s) expired"
+            "{at:?}: node 1 retired the connection; tunnel connections opened: {opened_before} before, {opened} after"
         );
         load.wait_for_successes(20, SHORT)?;
 
         // a's first leaf expires after 12 s: node 2 retires the old connection, which is
         // still open because the long-lived connection rides it.
         let in_expired = [("direction", "inbound"), ("reason", "peer_expired")];
-        agent2.wait_metric_sum(RETIRED, &in_expired, Duration::from_secs(15), |v| v >= 1.0)?;
-        println!("{:?}: node 2 retired it too", started.elapsed());
+        agent2.wait_metric_sum(RETIRED, &in_expired, Duration::from_secs(20), |v| v >= 1.0)?;
+        let at = started.elapsed();
+        ensure!(
+            at >= Duration::from_secs(11),
+            "node 2 retired a connection {at:?} in, before a's first leaf (12 s) could expire"
+        );
+        println!("{at:?}: node 2 retired it too");
         load.wait_for_successes(50, SHORT)?;
         let report = load.stop()?;
         println!(
