@@ -126,13 +126,13 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
 const FAR: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The chain a peer presented in the handshake, kept for the life of the connection so it can
-/// be checked again when this agent's trust bundle changes: a connection must not outlive the
-/// trust in the anchor it was authenticated under.
+/// be checked again when this agent's trust bundle changes: a connection takes no new streams
+/// once the anchor it was authenticated under is no longer trusted (`super::reauth`).
 pub struct PeerChain {
     end_entity: CertificateDer<'static>,
     intermediates: Vec<CertificateDer<'static>>,
     role: PeerRole,
-    /// When the handshake verified it (about: when it was kept).
+    /// Set when the chain is kept, right after the handshake verified it.
     verified_at: UnixTime,
     /// The earliest `notAfter` in the chain: from then on the authentication has expired.
     expires: std::time::SystemTime,
