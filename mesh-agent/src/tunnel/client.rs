@@ -22,9 +22,9 @@ use hyper::client::conn::http2;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_rustls::TlsConnector;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use super::reauth::{Lapse, PeerWatch};
+use super::reauth::{self, Lapse};
 use super::tracked::Tracked;
 use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
 use super::{StreamMeta, tls};
@@ -348,9 +348,10 @@ impl Pool {
         info!(task = %source.task, source = %source.slot.id(), destination = %destination, %peer, "tunnel connection established");
         tokio::spawn(drive(
             connection,
-            peer,
-            PeerWatch::new(chain, self.certs.clone()),
+            reauth::lapse(chain, self.certs.clone()),
             self.metrics.clone(),
+            source.task.clone(),
+            peer,
         ));
         Ok(Connection {
             sender,
@@ -393,19 +394,20 @@ impl Pool {
 /// fails [`Connection::usable`], a bundle change bumps the generation, so either way the pool
 /// opens new streams elsewhere and this connection ends once its open streams have, like any
 /// idle one.
-async fn drive<C>(connection: C, peer: SocketAddr, mut watch: PeerWatch, metrics: Arc<Metrics>)
-where
+async fn drive<C>(
+    connection: C,
+    lapse: impl std::future::Future<Output = Lapse>,
+    metrics: Arc<Metrics>,
+    task: Arc<str>,
+    peer: SocketAddr,
+) where
     C: std::future::Future<Output = Result<(), hyper::Error>>,
 {
     tokio::pin!(connection);
     let ended = tokio::select! {
         ended = &mut connection => ended,
-        lapse = watch.next() => {
-            metrics.tunnel_connection_retired("outbound", lapse.reason());
-            match lapse {
-                Lapse::Expired => info!(%peer, "the peer's certificate expired: this tunnel connection takes no new streams; open ones finish"),
-                Lapse::Untrusted(e) => warn!(%peer, error = %e, "the trust bundle no longer vouches for this tunnel connection's peer: it takes no new streams; open ones finish"),
-            }
+        lapse = lapse => {
+            lapse.report(&metrics, "outbound", &task, peer);
             connection.await
         }
     };

@@ -4,20 +4,21 @@
 //! for hours. Two things can take that proof away while the connection lives: the peer's
 //! certificate expires, or this agent's trust bundle changes so that the anchor the peer's
 //! chain leads to is no longer in it (the last step of a rotation, or an anchor removed after a
-//! compromise). [`PeerWatch`] reports both, and each side of the tunnel then retires the
+//! compromise). [`lapse`] reports the first of the two, and each side of the tunnel then retires the
 //! connection: no new streams (they go over a new connection, authenticated afresh), while
 //! the streams already open finish. TLS 1.3 cannot re-authenticate a connection in place, and
 //! cutting open streams would turn every quarterly rotation into an outage for long-lived
 //! connections; the runbook says how to cut them when that is the point (docs/identity.md).
 
-use std::pin::Pin;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::sync::watch;
-use tokio::time::Sleep;
+use tracing::{info, warn};
 
 use super::tls::PeerChain;
 use crate::certs::Certs;
+use crate::metrics::Metrics;
 
 /// Why a connection's authentication lapsed.
 pub enum Lapse {
@@ -28,61 +29,43 @@ pub enum Lapse {
 }
 
 impl Lapse {
-    /// The `reason` label of `mesh_tunnel_connections_retired_total`.
-    pub fn reason(&self) -> &'static str {
+    /// Counts the retirement (`mesh_tunnel_connections_retired_total`) and logs why.
+    pub fn report(&self, metrics: &Metrics, direction: &'static str, task: &str, peer: SocketAddr) {
         match self {
-            Lapse::Expired => "peer_expired",
-            Lapse::Untrusted(_) => "peer_untrusted",
+            Lapse::Expired => {
+                metrics.tunnel_connection_retired(direction, "peer_expired");
+                info!(direction, task, %peer, "tunnel connection retired, the peer's certificate expired: no new streams, open ones finish");
+            }
+            Lapse::Untrusted(e) => {
+                metrics.tunnel_connection_retired(direction, "peer_untrusted");
+                warn!(direction, task, %peer, error = %e, "tunnel connection retired, the trust bundle no longer vouches for the peer: no new streams, open ones finish");
+            }
         }
     }
 }
 
-/// Watches one connection's peer chain against the clock and the trust bundle.
-pub struct PeerWatch {
-    chain: PeerChain,
-    certs: Arc<Certs>,
-    trust_changes: watch::Receiver<u64>,
-    expiry: Pin<Box<Sleep>>,
-    expired: bool,
-    /// False once the trust material can no longer change (the agent is stopping).
-    watching_trust: bool,
-}
-
-impl PeerWatch {
-    pub fn new(chain: PeerChain, certs: Arc<Certs>) -> PeerWatch {
-        let mut trust_changes = certs.watch_trust();
-        // Only changes after the handshake matter; the handshake used the bundle as it was.
-        trust_changes.mark_unchanged();
-        PeerWatch {
-            expiry: Box::pin(tokio::time::sleep_until(chain.expiry_deadline())),
-            chain,
-            certs,
-            trust_changes,
-            expired: false,
-            watching_trust: true,
-        }
-    }
-
-    /// The next lapse: expiry (reported once), or a bundle change after which the chain no
-    /// longer verifies (bundle changes it survives are not reported). Never completes when
-    /// neither can happen any more. Cancel-safe, so it can be one branch of a `select!`.
-    pub async fn next(&mut self) -> Lapse {
+/// Completes with the first lapse of `chain`'s authentication: its expiry, or a change of the
+/// trust material after which it no longer verifies (changes it survives are waited through).
+/// Subscribes to trust changes at once, so a change made while the caller sets up the
+/// connection is not missed.
+pub fn lapse(chain: PeerChain, certs: Arc<Certs>) -> impl Future<Output = Lapse> {
+    let mut trust_changes = certs.watch_trust();
+    async move {
+        let expiry = tokio::time::sleep_until(chain.expiry_deadline());
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
-                () = &mut self.expiry, if !self.expired => {
-                    self.expired = true;
-                    return Lapse::Expired;
-                }
-                changed = self.trust_changes.changed(), if self.watching_trust => {
+                () = &mut expiry => return Lapse::Expired,
+                changed = trust_changes.changed() => {
                     if changed.is_err() {
-                        self.watching_trust = false;
-                        continue;
+                        // The trust material can no longer change (the agent is stopping).
+                        expiry.await;
+                        return Lapse::Expired;
                     }
-                    if let Err(e) = self.chain.verify_against(self.certs.trust()) {
+                    if let Err(e) = chain.verify_against(certs.trust()) {
                         return Lapse::Untrusted(e);
                     }
                 }
-                else => std::future::pending().await,
             }
         }
     }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::hostports::HostPorts;
-use super::reauth::{Lapse, PeerWatch};
+use super::reauth;
 use super::tracked::Tracked;
 use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
 use super::{StreamMeta, tls};
@@ -200,62 +200,21 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<InboundC
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .serve_connection(TokioIo::new(Tracked::new(tls, active)), service);
-    let served = serve_while_authenticated(connection, &ctx, chain, peer).await;
+    // Retired when the client's authentication lapses (see `super::reauth`): GOAWAY, so the
+    // client opens its next stream over a new connection (with its renewed certificate, under
+    // the current bundle) while the open streams finish.
+    let lapse = reauth::lapse(chain, ctx.certs.clone());
+    tokio::pin!(connection);
+    let served = tokio::select! {
+        served = &mut connection => served,
+        lapse = lapse => {
+            lapse.report(metrics, "inbound", ctx.scope.name(), peer);
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     if let Err(e) = served {
         debug!(task = %ctx.scope.name(), %peer, error = %e, "tunnel connection ended with an error");
-    }
-}
-
-/// Serves a tunnel connection, retiring it when its client's authentication lapses (see
-/// [`super::reauth`]): GOAWAY, so the client opens its next stream over a new connection
-/// (with its renewed certificate, under the current bundle) while the open streams finish.
-async fn serve_while_authenticated<C>(
-    connection: C,
-    ctx: &InboundContext,
-    chain: tls::PeerChain,
-    peer: SocketAddr,
-) -> Result<(), hyper::Error>
-where
-    C: GracefulShutdown,
-{
-    tokio::pin!(connection);
-    let mut watch = PeerWatch::new(chain, ctx.certs.clone());
-    let lapse = tokio::select! {
-        served = &mut connection => return served,
-        lapse = watch.next() => lapse,
-    };
-    ctx.mesh
-        .metrics
-        .tunnel_connection_retired("inbound", lapse.reason());
-    match lapse {
-        Lapse::Expired => {
-            info!(task = %ctx.scope.name(), %peer, "the client's certificate expired: this tunnel connection takes no new streams; open ones finish")
-        }
-        Lapse::Untrusted(e) => {
-            warn!(task = %ctx.scope.name(), %peer, error = %e, "the trust bundle no longer vouches for this tunnel connection's client: it takes no new streams; open ones finish")
-        }
-    }
-    connection.as_mut().shut_down_gracefully();
-    connection.await
-}
-
-/// hyper's HTTP/2 server connection, as far as [`serve_while_authenticated`] needs it.
-trait GracefulShutdown: std::future::Future<Output = Result<(), hyper::Error>> {
-    /// Sends GOAWAY: no new streams; the future completes once the open ones have.
-    fn shut_down_gracefully(self: std::pin::Pin<&mut Self>);
-}
-
-impl<I, S, B, E> GracefulShutdown for hyper::server::conn::http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn shut_down_gracefully(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
     }
 }
 
