@@ -102,44 +102,40 @@ pub fn nofile_limit(pid: u32) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// User and system CPU time of the whole machine (all CPUs), seconds: the first line of
-/// /proc/stat. Interrupt time is left out: packet processing of the benchmark's own
-/// traffic lands there, and cgroup accounting does not see it.
-pub fn host_busy_seconds() -> Result<f64> {
-    host_cpu_seconds(host_busy_ticks)
+/// The whole machine's CPU time (all CPUs), seconds, from the first line of /proc/stat
+/// (user, nice, system, idle, iowait, irq, softirq, steal, ...), read once for both figures.
+struct HostCpu {
+    /// User and system time. Interrupt time is left out: packet processing of the benchmark's
+    /// own traffic lands there, and cgroup accounting does not see it.
+    busy: f64,
+    /// Time the hypervisor ran something else while this VM's vCPUs wanted to run. On a
+    /// shared host it is what makes wake-ups slow and runs at different times disagree; 0 on
+    /// bare metal.
+    steal: f64,
 }
 
-/// Time the hypervisor ran something else while this VM's vCPUs wanted to run (`steal`
-/// in /proc/stat), seconds over all vCPUs. On a shared host it is what makes wake-ups
-/// slow and runs at different times disagree; 0 on bare metal.
-pub fn host_steal_seconds() -> Result<f64> {
-    host_cpu_seconds(host_steal_ticks)
+impl HostCpu {
+    fn read() -> Result<HostCpu> {
+        let stat = fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+        let (busy, steal) = host_cpu_ticks(&stat).context("parse /proc/stat")?;
+        let hz = clock_ticks_per_second();
+        Ok(HostCpu {
+            busy: busy as f64 / hz,
+            steal: steal as f64 / hz,
+        })
+    }
 }
 
-fn host_cpu_seconds(field: fn(&str) -> Option<u64>) -> Result<f64> {
-    let stat = fs::read_to_string("/proc/stat").context("read /proc/stat")?;
-    field(&stat)
-        .map(|t| t as f64 / clock_ticks_per_second())
-        .context("parse /proc/stat")
-}
-
-/// The all-CPU line of /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal, ...
-fn host_cpu_fields(stat: &str) -> Option<Vec<u64>> {
-    stat.lines()
+/// (user + nice + system, steal) ticks of the all-CPU line.
+fn host_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    let fields: Vec<u64> = stat
+        .lines()
         .next()?
         .strip_prefix("cpu ")?
         .split_whitespace()
         .map(|f| f.parse().ok())
-        .collect()
-}
-
-fn host_busy_ticks(stat: &str) -> Option<u64> {
-    let fields = host_cpu_fields(stat)?;
-    Some(fields.get(..3)?.iter().sum())
-}
-
-fn host_steal_ticks(stat: &str) -> Option<u64> {
-    host_cpu_fields(stat)?.get(7).copied()
+        .collect::<Option<_>>()?;
+    Some((fields.get(..3)?.iter().sum(), *fields.get(7)?))
 }
 
 /// `usage_usec` of a cgroup v2 (every process below it, ever), seconds.
@@ -157,9 +153,8 @@ pub fn cgroup_usage_seconds(cgroup: &Path) -> Result<f64> {
 /// testbed's cgroup (which holds the agents, stunnel, servers and clients).
 pub struct Background {
     cgroup: PathBuf,
-    host: f64,
+    host: HostCpu,
     ours: f64,
-    steal: f64,
     at: Instant,
 }
 
@@ -175,9 +170,8 @@ impl Background {
     pub fn start(cgroup: &Path) -> Result<Background> {
         Ok(Background {
             cgroup: cgroup.to_path_buf(),
-            host: host_busy_seconds()?,
+            host: HostCpu::read()?,
             ours: cgroup_usage_seconds(cgroup)?,
-            steal: host_steal_seconds()?,
             at: Instant::now(),
         })
     }
@@ -185,9 +179,9 @@ impl Background {
     /// The averages since `start` (other load never below 0: the two clocks it compares
     /// tick at different resolutions).
     pub fn finish(&self) -> Result<Interference> {
-        let host = host_busy_seconds()? - self.host;
+        let now = HostCpu::read()?;
+        let (host, steal) = (now.busy - self.host.busy, now.steal - self.host.steal);
         let ours = cgroup_usage_seconds(&self.cgroup)? - self.ours;
-        let steal = host_steal_seconds()? - self.steal;
         let elapsed = self.at.elapsed().as_secs_f64().max(1e-3);
         Ok(Interference {
             other_load: ((host - ours) / elapsed).max(0.0),
@@ -253,10 +247,10 @@ mod tests {
         assert_eq!(status_field_kib(status, "VmRSS:"), Some(8123));
         assert_eq!(status_field_kib(status, "VmSwap:"), None);
         let proc_stat = "cpu  100 5 50 9000 10 3 7 0 0 0\ncpu0 50 2 25 4500 5 1 3 0 0 0\n";
-        assert_eq!(host_busy_ticks(proc_stat), Some(155));
+        assert_eq!(host_cpu_ticks(proc_stat).map(|t| t.0), Some(155));
         let with_steal = "cpu  100 5 50 9000 10 3 7 42 0 0\n";
-        assert_eq!(host_steal_ticks(with_steal), Some(42));
-        assert_eq!(host_steal_ticks("cpu  1 2 3\n"), None);
+        assert_eq!(host_cpu_ticks(with_steal).map(|t| t.1), Some(42));
+        assert_eq!(host_cpu_ticks("cpu  1 2 3\n"), None);
     }
 
     #[test]
