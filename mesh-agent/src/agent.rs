@@ -16,6 +16,7 @@ use crate::config::{CaptureSettings, Cidr, Config, Destination, TaskSpec};
 use crate::destinations::Destinations;
 use crate::ecs::{self, EcsEvent};
 use crate::endpoints::{self, Readiness};
+use crate::heap;
 use crate::identity::TrustDomain;
 use crate::metrics::Metrics;
 use crate::policy::Authorizer;
@@ -161,6 +162,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     )?;
     readiness.set(true);
     info!(tasks = state.config.tasks.len(), "ready");
+    heap::release_free_memory();
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
@@ -190,12 +192,14 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                     c.reload();
                 }
                 trust_watch.mark_seen();
+                heap::release_free_memory();
             }
             // Not `true = watch.changed()`: a pattern that does not match disables its branch
             // for the rest of the select!, which would stop the polling after one quiet tick.
             changed = watch.changed() => if changed {
                 info!("configuration file changed: reloading");
                 reload(&config_path, &mut state, &mut tasks, &capture, &mesh, &mut service_watches, &service_updates).await;
+                heap::release_free_memory();
             },
             Some(update) = service_rx.recv() => {
                 if update.generation != state.service_generation {
@@ -230,6 +234,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
                 if removed > 0 {
                     debug!(removed, "idle per-hop metric series removed");
                 }
+                heap::release_free_memory();
             }
             _ = expiry_check.tick() => {
                 if let Some(c) = &certs {

@@ -9,6 +9,7 @@ mod destinations;
 mod discovery;
 mod ecs;
 mod endpoints;
+mod heap;
 mod http_client;
 mod identity;
 mod live;
