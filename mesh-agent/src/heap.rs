@@ -3,8 +3,8 @@
 //! glibc's allocator keeps what the program frees for reuse and returns memory to the kernel
 //! on its own only from the top of the heap. Start-up (reading the kernel's BTF to load the
 //! eBPF programs, the configuration, certificates, task set-up) leaves free memory scattered
-//! through the heap, which an idle agent would hold for nothing: 0.6 to 1.1 MiB of its 3 MiB of
-//! anonymous memory in the benchmark (docs/benchmarks.md). `malloc_trim` gives the free pages
+//! through the heap, which an idle agent would hold for nothing: about 1.6 of its 3 MiB of
+//! anonymous memory in the benchmark (docs/benchmarks.md, change 7). `malloc_trim` gives the free pages
 //! back (`madvise(MADV_DONTNEED)`) and keeps the heap's layout, so nothing is copied.
 //!
 //! The agent calls [`release_free_memory`] after control-plane work only (start-up, reloads,
