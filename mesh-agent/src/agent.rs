@@ -28,9 +28,8 @@ use crate::services;
 use crate::tasks::TaskManager;
 use crate::tunnel::{InboundContext, Pool, Scope, serve_inbound};
 
-pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     let host = preflight::check_host()?;
-    let config = Config::load(&config_path)?;
     match preflight::raise_open_files_limit() {
         Ok(n) if n < 65_536 => warn!(
             open_files = n,

@@ -72,13 +72,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run { config } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(worker_threads(&config))
-            .enable_all()
-            .thread_name("mesh-worker")
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(agent::run(config))),
+        // The configuration is read before the runtime exists: it says how many threads to give it.
+        Command::Run { config: path } => config::Config::load(&path).and_then(|config| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(worker_threads(&config))
+                .enable_all()
+                .thread_name("mesh-worker")
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(agent::run(path, config)))
+        }),
         Command::CheckConfig { config } => agent::check_config(&config),
         Command::Trust(args) => identity::cli::run(args),
         Command::Stat(args) => stat::run(args),
@@ -92,19 +95,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// `agent.worker_threads` (`MESH_WORKER_THREADS` overrides it, for benchmarks). A file that
-/// does not load gets the default here; `agent::run` then reports why it does not load.
-fn worker_threads(config: &std::path::Path) -> usize {
-    let from_env = std::env::var("MESH_WORKER_THREADS")
+/// `agent.worker_threads`; `MESH_WORKER_THREADS` overrides it, for benchmarks.
+fn worker_threads(config: &config::Config) -> usize {
+    std::env::var("MESH_WORKER_THREADS")
         .ok()
-        .and_then(|v| v.parse().ok());
-    from_env
-        .or_else(|| {
-            config::Config::load(config)
-                .ok()
-                .map(|c| c.agent.worker_threads)
-        })
-        .unwrap_or(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(config.agent.worker_threads)
         .max(1)
 }
 
