@@ -55,6 +55,17 @@ enum Task {
         /// without it.
         #[arg(long)]
         loopback_redirect: bool,
+        /// Measure only this figure (after the idle memory and the smoke tests): a partial
+        /// run, for profiling one kind of traffic.
+        #[arg(long, value_enum)]
+        only: Option<bench::Figure>,
+        /// Only this rate, in requests/s, for the latency figures.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        rate: Option<u32>,
+        /// Measured seconds per round of the timed figures (latency, max requests/s, new
+        /// connections/s).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        seconds: Option<u64>,
     },
 }
 
@@ -122,7 +133,19 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Bench {
             quick,
             loopback_redirect,
-        } => bench::run(&root, quick, loopback_redirect),
+            only,
+            rate,
+            seconds,
+        } => bench::run(
+            &root,
+            bench::Options {
+                quick,
+                only,
+                rate,
+                seconds,
+            },
+            loopback_redirect,
+        ),
     }
 }
 

@@ -21,7 +21,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::{Profile, apt, cmd, workspace};
+use clap::ValueEnum;
 use report::{Machine, Results};
+pub use scenarios::{Figure, Options};
 use scenarios::{Plan, Runner};
 use setup::Testbed;
 
@@ -52,7 +54,8 @@ fn catch_stop_signals() {
     }
 }
 
-pub fn run(root: &Path, quick: bool, loopback_redirect: bool) -> Result<()> {
+pub fn run(root: &Path, options: Options, loopback_redirect: bool) -> Result<()> {
+    let quick = options.quick;
     if !cmd::is_root() {
         bail!(
             "the benchmark needs root (network namespaces, cgroups, eBPF programs); re-run as root:\n    \
@@ -71,16 +74,24 @@ pub fn run(root: &Path, quick: bool, loopback_redirect: bool) -> Result<()> {
     }
     catch_stop_signals();
     let started = Instant::now();
-    let plan = Plan::new(quick);
-    let command = format!(
-        "cargo xtask bench{}{}",
-        if quick { " --quick" } else { "" },
-        if loopback_redirect {
-            " --loopback-redirect"
-        } else {
-            ""
-        }
-    );
+    let plan = Plan::new(&options);
+    let mut command = String::from("cargo xtask bench");
+    if quick {
+        command += " --quick";
+    }
+    if loopback_redirect {
+        command += " --loopback-redirect";
+    }
+    if let Some(figure) = options.only {
+        let name = figure.to_possible_value().map(|v| v.get_name().to_owned());
+        command += &format!(" --only {}", name.unwrap_or_default());
+    }
+    if let Some(rate) = options.rate {
+        command += &format!(" --rate {rate}");
+    }
+    if let Some(seconds) = options.seconds {
+        command += &format!(" --seconds {seconds}");
+    }
     let mut results = Results::new(command, Machine::read(root), plan.json(), plan.text());
     let out_dir = root.join("target/bench");
     let outcome = measure(

@@ -18,13 +18,44 @@ use super::procs::{self, Background, RssSampler};
 use super::report::{Conn, IdleConns, LatencyCell, Measure, Results};
 use super::setup::{Setup, Testbed};
 
+/// One figure of the benchmark, to run alone (`--only`): a partial run, for profiling one kind
+/// of traffic, whose report leaves the other figures out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Figure {
+    /// Latency of keep-alive requests at fixed rates.
+    KeepAlive,
+    /// Latency of requests on a new connection each, at fixed rates.
+    NewConnection,
+    /// Max requests/s.
+    Max,
+    /// Bulk single-stream throughput.
+    Bulk,
+    /// New connections/s.
+    ConnectRate,
+    /// Memory of idle connections.
+    Idle,
+}
+
+/// How a run departs from the standard plan (`cargo xtask bench` flags).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub quick: bool,
+    /// Only this figure.
+    pub only: Option<Figure>,
+    /// Only this rate (requests/s) for the latency figures.
+    pub rate: Option<u32>,
+    /// Measured seconds per round of the timed figures (latency, max, new connections).
+    pub seconds: Option<u64>,
+}
+
 /// What to measure and for how long.
 pub struct Plan {
     pub quick: bool,
+    pub only: Option<Figure>,
     pub rounds: usize,
     /// Bulk transfers are short (a fraction of a second direct), so they get more rounds.
     pub bulk_rounds: usize,
-    pub rates: [u32; 3],
+    pub rates: Vec<u32>,
     pub warmup: Duration,
     pub latency_duration: Duration,
     pub rate_connections: usize,
@@ -37,27 +68,38 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(quick: bool) -> Plan {
+    pub fn new(options: &Options) -> Plan {
+        let quick = options.quick;
+        let timed = Duration::from_secs(options.seconds.unwrap_or(if quick { 3 } else { 5 }));
         Plan {
             quick,
+            only: options.only,
             rounds: if quick { 1 } else { 3 },
             bulk_rounds: if quick { 3 } else { 5 },
-            rates: [500, 1000, 2000],
+            rates: options
+                .rate
+                .map_or_else(|| vec![500, 1000, 2000], |r| vec![r]),
             warmup: Duration::from_secs(1),
-            latency_duration: Duration::from_secs(if quick { 3 } else { 5 }),
+            latency_duration: timed,
             rate_connections: 32,
-            max_duration: Duration::from_secs(if quick { 3 } else { 5 }),
+            max_duration: timed,
             max_connections: 16,
             bulk_bytes: if quick { 256 << 20 } else { 1 << 30 },
-            connect_duration: Duration::from_secs(if quick { 3 } else { 5 }),
+            connect_duration: timed,
             connect_concurrency: 8,
             idle_count: if quick { 1_000 } else { 10_000 },
         }
     }
 
+    /// Whether `figure` is part of this run.
+    pub fn includes(&self, figure: Figure) -> bool {
+        self.only.is_none_or(|only| only == figure)
+    }
+
     pub fn json(&self) -> Value {
         json!({
             "quick": self.quick,
+            "only": self.only.map(|f| format!("{f:?}")),
             "rounds": self.rounds,
             "bulk_rounds": self.bulk_rounds,
             "rates": self.rates,
@@ -97,12 +139,31 @@ impl Plan {
             cc = self.connect_concurrency,
             cd = secs(self.connect_duration),
             idle = self.idle_count,
-        )
+        ) + &self
+            .only
+            .map(|f| format!(" Only the {f:?} figure was measured (a partial run, for profiling)."))
+            .unwrap_or_default()
     }
 
     /// Client runs in the whole benchmark (smoke tests and idle connections excluded).
     fn runs(&self) -> usize {
-        let per_setup = (self.rates.len() * 2 + 2) * self.rounds + self.bulk_rounds;
+        let per_figure = |figure| match figure {
+            Figure::KeepAlive | Figure::NewConnection => self.rates.len() * self.rounds,
+            Figure::Max | Figure::ConnectRate => self.rounds,
+            Figure::Bulk => self.bulk_rounds,
+            Figure::Idle => 0,
+        };
+        let per_setup: usize = [
+            Figure::KeepAlive,
+            Figure::NewConnection,
+            Figure::Max,
+            Figure::Bulk,
+            Figure::ConnectRate,
+        ]
+        .into_iter()
+        .filter(|&f| self.includes(f))
+        .map(per_figure)
+        .sum();
         per_setup * Setup::ALL.len()
     }
 }
@@ -158,16 +219,30 @@ impl<'a> Runner<'a> {
             self.results.idle_memory.insert(setup, memory);
         }
         self.smoke()?;
-        for conn in [Conn::KeepAlive, Conn::NewConnection] {
-            for rate in self.plan.rates {
-                self.latency(conn, rate)?;
+        let plan = self.plan;
+        for (conn, figure) in [
+            (Conn::KeepAlive, Figure::KeepAlive),
+            (Conn::NewConnection, Figure::NewConnection),
+        ] {
+            if plan.includes(figure) {
+                for &rate in &plan.rates {
+                    self.latency(conn, rate)?;
+                }
             }
         }
-        self.max()?;
-        self.bulk()?;
-        self.connect_rate()?;
-        for setup in [Setup::Mesh, Setup::Stunnel] {
-            self.idle(setup)?;
+        if plan.includes(Figure::Max) {
+            self.max()?;
+        }
+        if plan.includes(Figure::Bulk) {
+            self.bulk()?;
+        }
+        if plan.includes(Figure::ConnectRate) {
+            self.connect_rate()?;
+        }
+        if plan.includes(Figure::Idle) {
+            for setup in [Setup::Mesh, Setup::Stunnel] {
+                self.idle(setup)?;
+            }
         }
         Ok(())
     }
@@ -712,10 +787,33 @@ mod tests {
 
     #[test]
     fn quick_plan_is_smaller() {
-        let (quick, full) = (Plan::new(true), Plan::new(false));
+        let quick = Plan::new(&Options {
+            quick: true,
+            ..Options::default()
+        });
+        let full = Plan::new(&Options::default());
         assert!(quick.runs() < full.runs());
+        assert_eq!(full.runs(), ((3 * 2 + 2) * 3 + 5) * 3);
         assert_eq!(full.bulk_bytes, 1 << 30);
         assert_eq!(full.idle_count, 10_000);
         assert!(full.text().contains("3 round(s)"));
+        assert!(!full.text().contains("Only"));
+    }
+
+    #[test]
+    fn a_partial_plan_runs_one_figure_at_one_rate_for_as_long_as_asked() {
+        let plan = Plan::new(&Options {
+            quick: true,
+            only: Some(Figure::KeepAlive),
+            rate: Some(1000),
+            seconds: Some(20),
+        });
+        assert!(plan.includes(Figure::KeepAlive));
+        assert!(!plan.includes(Figure::Bulk) && !plan.includes(Figure::Idle));
+        assert_eq!(plan.rates, vec![1000]);
+        assert_eq!(plan.latency_duration, Duration::from_secs(20));
+        // One round of one rate for each of the three setups.
+        assert_eq!(plan.runs(), 3);
+        assert!(plan.text().contains("Only the KeepAlive figure"));
     }
 }
