@@ -222,6 +222,7 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
                         },
                         Err(e) => error!("discovered tasks not applied: {e:#}"),
                     }
+                    heap::release_free_memory();
                 }
             },
             changed = trust_watch.changed() => if changed && let Some(c) = &certs {

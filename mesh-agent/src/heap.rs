@@ -8,8 +8,9 @@
 //! back (`madvise(MADV_DONTNEED)`) and keeps the heap's layout, so nothing is copied.
 //!
 //! The agent calls [`release_free_memory`] after control-plane work only (start-up, reloads,
-//! the periodic sweep of idle metric series): trimming walks the allocator's free lists under
-//! its locks, which a busy data path should not wait for on every request.
+//! a change in the tasks discovered from ECS, the periodic sweep of idle metric series):
+//! trimming walks the allocator's free lists under its locks, which a busy data path should not
+//! wait for on every request.
 
 /// Returns the heap's free pages to the kernel (a no-op where the C library is not glibc).
 pub fn release_free_memory() {
