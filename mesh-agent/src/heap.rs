@@ -4,8 +4,8 @@
 //! on its own only from the top of the heap. Start-up (reading the kernel's BTF to load the
 //! eBPF programs, the configuration, certificates, task set-up) leaves free memory scattered
 //! through the heap, which an idle agent would hold for nothing: about 1.6 of its 3 MiB of
-//! anonymous memory in the benchmark (docs/benchmarks.md, change 7). `malloc_trim` gives the free pages
-//! back (`madvise(MADV_DONTNEED)`) and keeps the heap's layout, so nothing is copied.
+//! anonymous memory in the benchmark (docs/benchmarks.md, change 7). `malloc_trim` gives the
+//! free pages back (`madvise(MADV_DONTNEED)`) and keeps the heap's layout, so nothing is copied.
 //!
 //! The agent calls [`release_free_memory`] after control-plane work only (start-up, reloads,
 //! a change in the tasks discovered from ECS, the periodic sweep of idle metric series):

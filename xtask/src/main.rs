@@ -140,11 +140,11 @@ fn run(task: Task) -> anyhow::Result<()> {
             &root,
             bench::Options {
                 quick,
+                loopback_redirect,
                 only,
                 rate,
                 seconds,
             },
-            loopback_redirect,
         ),
     }
 }

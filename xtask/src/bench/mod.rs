@@ -21,7 +21,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 use crate::{Profile, apt, cmd, workspace};
-use clap::ValueEnum;
 use report::{Machine, Results};
 pub use scenarios::{Figure, Options};
 use scenarios::{Plan, Runner};
@@ -54,8 +53,8 @@ fn catch_stop_signals() {
     }
 }
 
-pub fn run(root: &Path, options: Options, loopback_redirect: bool) -> Result<()> {
-    let quick = options.quick;
+pub fn run(root: &Path, options: Options) -> Result<()> {
+    let (quick, loopback_redirect) = (options.quick, options.loopback_redirect);
     if !cmd::is_root() {
         bail!(
             "the benchmark needs root (network namespaces, cgroups, eBPF programs); re-run as root:\n    \
@@ -83,8 +82,7 @@ pub fn run(root: &Path, options: Options, loopback_redirect: bool) -> Result<()>
         command += " --loopback-redirect";
     }
     if let Some(figure) = options.only {
-        let name = figure.to_possible_value().map(|v| v.get_name().to_owned());
-        command += &format!(" --only {}", name.unwrap_or_default());
+        command += &format!(" --only {}", figure.name());
     }
     if let Some(rate) = options.rate {
         command += &format!(" --rate {rate}");

@@ -36,10 +36,22 @@ pub enum Figure {
     Idle,
 }
 
+impl Figure {
+    /// The name `--only` takes.
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    }
+}
+
 /// How a run departs from the standard plan (`cargo xtask bench` flags).
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     pub quick: bool,
+    /// The agents run with `capture.loopback_redirect = true`.
+    pub loopback_redirect: bool,
     /// Only this figure.
     pub only: Option<Figure>,
     /// Only this rate (requests/s) for the latency figures.
@@ -99,7 +111,7 @@ impl Plan {
     pub fn json(&self) -> Value {
         json!({
             "quick": self.quick,
-            "only": self.only.map(|f| format!("{f:?}")),
+            "only": self.only.map(Figure::name),
             "rounds": self.rounds,
             "bulk_rounds": self.bulk_rounds,
             "rates": self.rates,
@@ -141,7 +153,12 @@ impl Plan {
             idle = self.idle_count,
         ) + &self
             .only
-            .map(|f| format!(" Only the {f:?} figure was measured (a partial run, for profiling)."))
+            .map(|f| {
+                format!(
+                    " Only the {} figure was measured (a partial run, for profiling).",
+                    f.name()
+                )
+            })
             .unwrap_or_default()
     }
 
@@ -807,6 +824,7 @@ mod tests {
             only: Some(Figure::KeepAlive),
             rate: Some(1000),
             seconds: Some(20),
+            ..Options::default()
         });
         assert!(plan.includes(Figure::KeepAlive));
         assert!(!plan.includes(Figure::Bulk) && !plan.includes(Figure::Idle));
@@ -814,6 +832,6 @@ mod tests {
         assert_eq!(plan.latency_duration, Duration::from_secs(20));
         // One round of one rate for each of the three setups.
         assert_eq!(plan.runs(), 3);
-        assert!(plan.text().contains("Only the KeepAlive figure"));
+        assert!(plan.text().contains("Only the keep-alive figure"));
     }
 }
