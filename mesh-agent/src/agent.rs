@@ -43,7 +43,8 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
     // The programs are loaded (not attached) first because the metrics read their counters;
     // trust material is checked next, so an expired anchor or issuer stops the agent before any
     // task is touched.
-    let capture = Arc::new(Capture::load(kernel_log_level(), &host.cgroup2_root)?);
+    let kernel_log_level = kernel_log_level();
+    let capture = Arc::new(Capture::load(kernel_log_level, &host.cgroup2_root)?);
     let metrics = Arc::new(Metrics::new(capture.clone()));
     if let Some(path) = &config.agent.access_log {
         metrics.open_access_log(path).with_context(|| {
@@ -63,7 +64,9 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
             None
         }
     };
-    spawn_kernel_logger(&capture);
+    if kernel_log_level > 0 {
+        spawn_kernel_logger(&capture);
+    }
     let mut state = State {
         discovered_endpoints: vec![Vec::new(); config.services.len()],
         service_generation: 0,
@@ -489,7 +492,8 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 }
 
 /// The aya-log level compiled into the kernel programs: their per-connection debug records cost
-/// CPU, so they are on only when the agent itself logs at debug.
+/// CPU, so they are on only when the agent itself logs at debug. At 0 the programs' log ring
+/// is one page and nothing reads it.
 fn kernel_log_level() -> u8 {
     use tracing::level_filters::LevelFilter;
     if LevelFilter::current() >= LevelFilter::DEBUG {

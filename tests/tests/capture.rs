@@ -502,6 +502,96 @@ fn agent_reports_a_missing_netns_by_path_and_task() {
     })
 }
 
+/// h. The kernel programs' log records. At the agent's default level the programs log
+/// nothing, so their ring buffer is one page and the agent neither maps nor reads it; with
+/// `MESH_LOG=debug` the ring is aya-log's 128 KiB and a captured connection's record reaches
+/// the agent's log.
+#[test]
+fn kernel_program_logs_are_carried_only_at_debug() {
+    with_fixture(|f| {
+        let server = f.kit.serve(&f.b, addr(f.b.ip(), 8080), ServeMode::Http)?;
+        let record = format!("captured connect4 to {}", server.addr());
+        for debug in [false, true] {
+            let launch = Launch {
+                env: if debug {
+                    vec![("MESH_LOG".into(), "debug".into())]
+                } else {
+                    Vec::new()
+                },
+                ..Launch::default()
+            };
+            let mut agent = Agent::start_with(&f.node, &config("", &[&f.a, &f.b]), &launch)?;
+            run_ok(
+                f.a.command("curl")?
+                    .args(["-sS", "--max-time", "5", "-o", "/dev/null"])
+                    .arg(format!("http://{}/", server.addr())),
+                SHORT,
+            )?;
+            agent.wait_metric(CAPTURED, &task_label(&f.a), METRIC_LAG, |v| v >= 1.0)?;
+            let rings = ring_buffer_sizes(agent.pid())?;
+            let mapped = std::fs::read_to_string(format!("/proc/{}/maps", agent.pid()))?
+                .lines()
+                .any(|l| l.ends_with("anon_inode:bpf-map"));
+            if debug {
+                ensure!(rings == [128 << 10], "log ring at debug: {rings:?} bytes");
+                ensure!(
+                    mapped,
+                    "at debug the agent must map the log ring to read it"
+                );
+                let deadline = Instant::now() + METRIC_LAG;
+                while !agent.log().contains(&record) {
+                    ensure!(
+                        Instant::now() < deadline,
+                        "no {record:?} in the agent's log:\n{}",
+                        agent.log_tail(30)
+                    );
+                    thread::sleep(Duration::from_millis(100));
+                }
+            } else {
+                ensure!(
+                    rings == [page_size()],
+                    "log ring with logs off: {rings:?} bytes"
+                );
+                ensure!(!mapped, "with logs off the agent maps a BPF map");
+                ensure!(
+                    !agent.log().contains("captured connect4"),
+                    "kernel records logged at the default level"
+                );
+            }
+            agent.terminate()?;
+        }
+        Ok(())
+    })
+}
+
+/// The sizes in bytes of the BPF ring buffers `pid` holds descriptors for (`/proc/<pid>/fdinfo`).
+fn ring_buffer_sizes(pid: u32) -> Result<Vec<u64>> {
+    const BPF_MAP_TYPE_RINGBUF: &str = "27";
+    let mut sizes = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        // A descriptor closed since the listing has no fdinfo any more.
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        if field("map_type") == Some(BPF_MAP_TYPE_RINGBUF) {
+            let max_entries = field("max_entries").context("ring buffer without max_entries")?;
+            sizes.push(max_entries.parse()?);
+        }
+    }
+    Ok(sizes)
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(4096)
+}
+
 /// `bpftool cgroup show` of one cgroup (programs attached directly to it); empty if none.
 fn cgroup_programs(cgroup: &Path) -> Result<String> {
     let out = run_with_timeout(

@@ -42,6 +42,8 @@ const SOCK_ADDR_V6: [&str; 2] = ["restore_peer6", "capture_connect6"];
 /// The loopback redirect: `sock_ops` for the agent's own cgroup, `sk_msg` for the socket map.
 const PROG_AGENT_SOCK_OPS: &str = "redirect_agent_sockets";
 const PROG_SK_MSG: &str = "redirect_to_peer";
+/// The ring buffer the programs' aya-log records go through, defined by aya-log-ebpf at 128 KiB.
+const KERNEL_LOG_RING: &str = "AYA_LOGS";
 
 /// Loaded programs and maps. One per agent.
 pub struct Capture {
@@ -82,8 +84,15 @@ impl Capture {
     /// Loads and verifies every program. `kernel_log_level` is the aya-log level compiled into
     /// the programs' log statements (0 = off, 4 = debug).
     pub fn load(kernel_log_level: u8, cgroup2_root: &Path) -> anyhow::Result<Capture> {
-        let mut ebpf = EbpfLoader::new()
-            .override_global("AYA_LOG_LEVEL", &kernel_log_level, true)
+        let mut loader = EbpfLoader::new();
+        loader.override_global("AYA_LOG_LEVEL", &kernel_log_level, true);
+        if kernel_log_level == 0 {
+            // With logging off the programs never write a record, and nobody reads the ring
+            // (see `take_kernel_logger`): one page instead of 128 KiB of kernel memory, which a
+            // reader would also map twice (264 KiB of the agent's RSS).
+            loader.map_max_entries(KERNEL_LOG_RING, page_size());
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|e| anyhow!("cannot load the embedded eBPF object: {e}"))?;
         for name in SOCK_ADDR_V4.into_iter().chain(SOCK_ADDR_V6) {
@@ -108,7 +117,8 @@ impl Capture {
         })
     }
 
-    /// Forwards the programs' aya-log records to this process's `log`/`tracing` output.
+    /// Forwards the programs' aya-log records to this process's `log`/`tracing` output. Only
+    /// worth calling when they were loaded with a log level above 0.
     pub fn take_kernel_logger(&self) -> anyhow::Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
         let mut ebpf = self.control.lock().unwrap_or_else(|p| p.into_inner());
         aya_log::EbpfLogger::init(&mut ebpf).context("cannot read the eBPF programs' log buffer")
@@ -364,6 +374,13 @@ where
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("eBPF object has no map {name}"))
+}
+
+/// The smallest ring buffer the kernel accepts is one page (a power of two, page-aligned).
+fn page_size() -> u32 {
+    // SAFETY: sysconf only reads a system constant.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).unwrap_or(4096)
 }
 
 /// A load failure with the verifier's own explanation, which is what a developer needs.
