@@ -226,6 +226,7 @@ impl IdleConns {
 }
 
 /// Where and on what the figures were taken.
+#[derive(Default)]
 pub struct Machine {
     pub date: String,
     pub cpu_model: String,
@@ -784,38 +785,35 @@ impl Results {
         // The mesh's path holds the direct path and more, so a mesh percentile below direct's is
         // the baseline's own noise (a stalled direct round), not a latency the mesh took away:
         // such a run can neither meet nor miss the target.
-        let added_check = |md: &mut String, target: &str, q: f64, label: &str, limit: f64| match (
-            p(Setup::Mesh, q),
-            p(Setup::Direct, q),
-        ) {
-            (Some(mesh), Some(direct)) if mesh < direct => {
-                let _ = writeln!(
+        let added_check = |md: &mut String, target: &str, (q, label): (f64, &str), limit: f64| {
+            match (p(Setup::Mesh, q), p(Setup::Direct, q)) {
+                (Some(mesh), Some(direct)) if mesh < direct => {
+                    let _ = writeln!(
+                        md,
+                        "| {target} | {} | inconclusive: direct's own {label} ({direct:.0} µs) is above the mesh's ({mesh:.0} µs), so the baseline's tail sets this figure |",
+                        fmt_num(mesh - direct, "µs"),
+                    );
+                }
+                (mesh, direct) => check(
                     md,
-                    "| {target} | {} | inconclusive: direct's own {label} ({direct:.0} µs) is above the mesh's ({mesh:.0} µs), so the baseline's tail sets this figure |",
-                    fmt_num(mesh - direct, "µs"),
-                );
+                    target,
+                    mesh.zip(direct).map(|(m, d)| m - d),
+                    "µs",
+                    limit,
+                    false,
+                ),
             }
-            (mesh, direct) => check(
-                md,
-                target,
-                mesh.zip(direct).map(|(m, d)| m - d),
-                "µs",
-                limit,
-                false,
-            ),
         };
         added_check(
             md,
             "added latency p50, 1,000 rps keep-alive ≤ 60 µs",
-            0.5,
-            "p50",
+            PERCENTILES[0],
             60.0,
         );
         added_check(
             md,
             "added latency p99, 1,000 rps keep-alive ≤ 150 µs",
-            0.99,
-            "p99",
+            PERCENTILES[2],
             150.0,
         );
         let below: Vec<String> = PERCENTILES
@@ -1131,18 +1129,7 @@ mod tests {
     /// added-latency target; a normal run is judged against the limit.
     #[test]
     fn a_negative_added_latency_is_inconclusive_not_met() {
-        let machine = Machine {
-            date: String::new(),
-            cpu_model: String::new(),
-            nproc: 2,
-            kernel: String::new(),
-            memory: String::new(),
-            commit: String::new(),
-            stunnel: String::new(),
-            load_before: String::new(),
-            load_after: String::new(),
-        };
-        let mut results = Results::new(String::new(), machine, json!({}), String::new());
+        let mut results = Results::new(String::new(), Machine::default(), json!({}), String::new());
         // 98 requests at `fast` µs and two at `slow` µs: p50 is `fast`, p99 is `slow`.
         let cell = |fast: u64, slow: u64| {
             let mut cell = LatencyCell::default();
