@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -19,7 +20,7 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Args, Debug)]
 pub struct StatArgs {
-    /// The agent's metrics endpoint.
+    /// The agent's metrics endpoint: an IP address or `localhost` (host names are not resolved).
     #[arg(long, default_value = "http://127.0.0.1:15020/metrics")]
     metrics_url: String,
     /// Time between the two scrapes; rates are over this window.
@@ -76,6 +77,22 @@ async fn scrape(url: &str) -> anyhow::Result<String> {
 }
 
 async fn scrape_inner(url: &str) -> anyhow::Result<String> {
+    let (addr, path) = metrics_address(url)?;
+    let (status, body) = crate::http_client::get(addr, &path, SCRAPE_TIMEOUT).await?;
+    if !status.is_success() {
+        bail!("GET {url}: {status}");
+    }
+    let out = body.to_vec();
+    String::from_utf8(out).with_context(|| format!("the answer from {url} is not UTF-8"))
+}
+
+/// The address and path of an `http://<ip or localhost>[:port]/path` URL. Host names other
+/// than `localhost` are refused rather than resolved: the release binary links glibc
+/// statically, where the C library's name lookup would load the host's NSS modules, which must
+/// come from the very glibc version that was linked in (docs/architecture.md, "One static
+/// executable"). The metrics endpoint listens on loopback by default, and where it is
+/// opened to the VPC, the instance's IP is what Prometheus' ECS discovery reports too.
+fn metrics_address(url: &str) -> anyhow::Result<(SocketAddr, String)> {
     let uri: Uri = url
         .parse()
         .map_err(|e| anyhow!("`{url}` is not a URL: {e}"))?;
@@ -84,25 +101,24 @@ async fn scrape_inner(url: &str) -> anyhow::Result<String> {
     }
     let authority = uri
         .authority()
-        .ok_or_else(|| anyhow!("`{url}` has no host"))?
-        .clone();
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
+        .ok_or_else(|| anyhow!("`{url}` has no host"))?;
     let port = authority.port_u16().unwrap_or(80);
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let addr = tokio::net::lookup_host((host, port))
-        .await
-        .with_context(|| format!("cannot resolve {authority}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{authority} has no address"))?;
-    let (status, body) = crate::http_client::get(addr, path, SCRAPE_TIMEOUT).await?;
-    if !status.is_success() {
-        bail!("GET {url}: {status}");
-    }
-    let out = body.to_vec();
-    String::from_utf8(out).with_context(|| format!("the answer from {url} is not UTF-8"))
+    let host = authority.host();
+    let ip = if host.eq_ignore_ascii_case("localhost") {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| {
+                anyhow!(
+                    "`{url}`: give the agent's IP address (or localhost), e.g. \
+                     http://10.0.1.10:15020/metrics; mesh-agent does not resolve host names"
+                )
+            })?
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    Ok((SocketAddr::new(ip, port), path))
 }
 
 /// One sample line of the text exposition.
@@ -472,6 +488,44 @@ pub fn render(stats: &Stats, window: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_urls_name_an_ip_or_localhost() {
+        for (url, addr, path) in [
+            (
+                "http://127.0.0.1:15020/metrics",
+                "127.0.0.1:15020",
+                "/metrics",
+            ),
+            (
+                "http://localhost:15020/metrics",
+                "127.0.0.1:15020",
+                "/metrics",
+            ),
+            (
+                "http://LocalHost/metrics?x=1",
+                "127.0.0.1:80",
+                "/metrics?x=1",
+            ),
+            ("http://[::1]:15020/metrics", "[::1]:15020", "/metrics"),
+            ("http://10.0.1.10:15020", "10.0.1.10:15020", "/"),
+        ] {
+            let (got_addr, got_path) = metrics_address(url).unwrap();
+            assert_eq!(got_addr, addr.parse().unwrap(), "{url}");
+            assert_eq!(got_path, path, "{url}");
+        }
+        let err = metrics_address("http://ip-10-0-1-10.ec2.internal:15020/metrics")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("give the agent's IP address"), "{err}");
+        for bad in [
+            "https://127.0.0.1:15020/metrics",
+            "127.0.0.1:15020",
+            "nonsense",
+        ] {
+            assert!(metrics_address(bad).is_err(), "{bad}");
+        }
+    }
 
     fn s(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
         Sample {

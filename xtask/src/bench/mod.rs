@@ -64,10 +64,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     }
     apt::ensure(PACKAGES, "benchmark packages")?;
     let built = workspace::build(root, Profile::Release)?;
-    let bench_bin = root
-        .join("target")
-        .join(Profile::Release.dir())
-        .join("mesh-bench");
+    let bench_bin = built.bin_dir.join("mesh-bench");
     if !bench_bin.is_file() {
         bail!("cargo succeeded but {} is missing", bench_bin.display());
     }
