@@ -2,7 +2,7 @@
 //! endpoints, `mesh-agent stat` scraping an agent — whose body is kept in a buffer that is
 //! wiped when dropped: credentials responses carry secret keys.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -19,26 +19,44 @@ const MAX_BODY: usize = 8 * 1024 * 1024;
 
 /// `http://<ip>:<port>` with no path: the only form the local ECS endpoints need.
 pub fn parse_http_url(url: &str) -> anyhow::Result<SocketAddr> {
+    let (addr, uri) = http_address(url, "http://127.0.0.1:51678")?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        bail!("`{url}`: give only scheme, address and port, e.g. http://127.0.0.1:51678");
+    }
+    Ok(addr)
+}
+
+/// The address an `http://` URL names, and the parsed URL. The host must be an IP address or
+/// `localhost` (127.0.0.1); other names are refused rather than resolved: the release agent is
+/// a static executable, whose C library could only resolve them by loading the host's
+/// name-service modules, which must come from the very glibc that was linked in
+/// (docs/architecture.md, "One static executable"). `example` shows a valid URL in the error.
+pub fn http_address(url: &str, example: &str) -> anyhow::Result<(SocketAddr, Uri)> {
     let uri: Uri = url
         .parse()
         .map_err(|e| anyhow!("`{url}` is not a URL: {e}"))?;
     if uri.scheme_str() != Some("http") {
-        bail!("`{url}`: only http:// is supported (the ECS agent's endpoints are local)");
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        bail!("`{url}`: give only scheme, address and port, e.g. http://127.0.0.1:51678");
+        bail!("`{url}`: only http:// is supported, e.g. {example}");
     }
     let authority = uri
         .authority()
-        .ok_or_else(|| anyhow!("`{url}` has no address"))?;
+        .ok_or_else(|| anyhow!("`{url}` has no address, e.g. {example}"))?;
     let port = authority.port_u16().unwrap_or(80);
-    let ip = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .map_err(|_| anyhow!("`{url}`: the host must be an IP address, e.g. 127.0.0.1"))?;
-    Ok(SocketAddr::new(ip, port))
+    let host = authority.host();
+    let ip = if host.eq_ignore_ascii_case("localhost") {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| {
+                anyhow!(
+                    "`{url}`: the host must be an IP address or localhost, e.g. {example}; \
+                     mesh-agent does not resolve host names"
+                )
+            })?
+    };
+    Ok((SocketAddr::new(ip, port), uri))
 }
 
 /// GETs `path` from `addr`; the whole exchange (connect, request, body) within `timeout`.
@@ -111,13 +129,21 @@ mod tests {
             parse_http_url("http://[::1]:51679/").unwrap(),
             "[::1]:51679".parse().unwrap()
         );
-        for bad in [
-            "https://127.0.0.1:1",
-            "http://localhost:51678",
-            "http://127.0.0.1:1/v1",
-            "nonsense",
-        ] {
+        assert_eq!(
+            parse_http_url("http://localhost:51678").unwrap(),
+            "127.0.0.1:51678".parse().unwrap()
+        );
+        for bad in ["https://127.0.0.1:1", "http://127.0.0.1:1/v1", "nonsense"] {
             assert!(parse_http_url(bad).is_err(), "{bad}");
         }
+        let err = parse_http_url("http://ecs-agent:51678")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "the host must be an IP address or localhost, e.g. http://127.0.0.1:51678"
+            ),
+            "{err}"
+        );
     }
 }

@@ -9,12 +9,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, ValueEnum};
-use http::Uri;
 
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -86,39 +85,13 @@ async fn scrape_inner(url: &str) -> anyhow::Result<String> {
     String::from_utf8(out).with_context(|| format!("the answer from {url} is not UTF-8"))
 }
 
-/// The address and path of an `http://<ip or localhost>[:port]/path` URL. Host names other
-/// than `localhost` are refused rather than resolved: the release binary links glibc
-/// statically, where the C library's name lookup would load the host's NSS modules, which must
-/// come from the very glibc version that was linked in (docs/architecture.md, "One static
-/// executable"). The metrics endpoint listens on loopback by default, and where it is
-/// opened to the VPC, the instance's IP is what Prometheus' ECS discovery reports too.
+/// The address and path of the metrics URL. The metrics endpoint listens on loopback by
+/// default; where it is opened to the VPC, the instance's IP address is what Prometheus' ECS
+/// discovery reports too, so taking no host names costs the operator nothing.
 fn metrics_address(url: &str) -> anyhow::Result<(SocketAddr, String)> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| anyhow!("`{url}` is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        bail!("`{url}`: only http:// is supported");
-    }
-    let authority = uri
-        .authority()
-        .ok_or_else(|| anyhow!("`{url}` has no host"))?;
-    let port = authority.port_u16().unwrap_or(80);
-    let host = authority.host();
-    let ip = if host.eq_ignore_ascii_case("localhost") {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
-    } else {
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse()
-            .map_err(|_| {
-                anyhow!(
-                    "`{url}`: give the agent's IP address (or localhost), e.g. \
-                     http://10.0.1.10:15020/metrics; mesh-agent does not resolve host names"
-                )
-            })?
-    };
+    let (addr, uri) = crate::http_client::http_address(url, "http://10.0.1.10:15020/metrics")?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    Ok((SocketAddr::new(ip, port), path))
+    Ok((addr, path))
 }
 
 /// One sample line of the text exposition.
@@ -517,7 +490,10 @@ mod tests {
         let err = metrics_address("http://ip-10-0-1-10.ec2.internal:15020/metrics")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("give the agent's IP address"), "{err}");
+        assert!(
+            err.contains("the host must be an IP address or localhost"),
+            "{err}"
+        );
         for bad in [
             "https://127.0.0.1:15020/metrics",
             "127.0.0.1:15020",
