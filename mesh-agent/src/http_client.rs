@@ -17,11 +17,14 @@ use zeroize::Zeroizing;
 /// credentials answer is a few KiB.
 const MAX_BODY: usize = 8 * 1024 * 1024;
 
+/// A valid ECS endpoint URL, shown in the errors about invalid ones.
+const ECS_URL_EXAMPLE: &str = "http://127.0.0.1:51678";
+
 /// `http://<ip>:<port>` with no path: the only form the local ECS endpoints need.
 pub fn parse_http_url(url: &str) -> anyhow::Result<SocketAddr> {
-    let (addr, uri) = http_address(url, "http://127.0.0.1:51678")?;
+    let (addr, uri) = http_address(url, ECS_URL_EXAMPLE)?;
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        bail!("`{url}`: give only scheme, address and port, e.g. http://127.0.0.1:51678");
+        bail!("`{url}`: give only scheme, address and port, e.g. {ECS_URL_EXAMPLE}");
     }
     Ok(addr)
 }

@@ -127,7 +127,7 @@ fn integration_tests(root: &Path, built: &Built) -> Result<()> {
         );
     }
     let mut cargo = workspace::cargo_with_object(root, &built.ebpf_object);
-    cargo.env("MESH_AGENT_BIN", &built.agent_bin).args([
+    cargo.env("MESH_AGENT_BIN", built.agent_bin()).args([
         "test",
         "-p",
         "mesh-tests",

@@ -128,7 +128,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test => ci::run(&root),
         Task::Demo => {
             let built = workspace::build(&root, Profile::Debug)?;
-            demo::run(&root, &built.agent_bin)
+            demo::run(&root, &built.agent_bin())
         }
         Task::Bench {
             quick,

@@ -4,7 +4,7 @@
 //! glibc is linked in, so the agent does not depend on the C library of the image or host it
 //! runs on, and its relocations are packed (RELR), which glibc's own start-up code applies.
 //! Both save memory in every idle agent: no shared C library and dynamic loader mapped
-//! around the few functions used, and 6 KiB of relocations read at start instead of 480 KiB
+//! around the few functions used, and 6 KiB of relocations read at start instead of 447 KiB
 //! (docs/benchmarks.md, change 10). Debug builds, which the tests and the demo use, stay
 //! dynamic: they share their dependencies with `cargo test` and `cargo clippy`.
 
@@ -17,9 +17,14 @@ use std::process::Command;
 
 pub struct Built {
     pub ebpf_object: PathBuf,
-    pub agent_bin: PathBuf,
     /// Where cargo put this build's executables (the agent, `mesh-bench`).
     pub bin_dir: PathBuf,
+}
+
+impl Built {
+    pub fn agent_bin(&self) -> PathBuf {
+        self.bin_dir.join("mesh-agent")
+    }
 }
 
 pub fn build(root: &Path, profile: Profile) -> Result<Built> {
@@ -39,7 +44,11 @@ pub fn build(root: &Path, profile: Profile) -> Result<Built> {
         }
     };
     cmd::run(&mut cargo).context("building mesh-agent failed")?;
-    let agent_bin = bin_dir.join("mesh-agent");
+    let built = Built {
+        ebpf_object,
+        bin_dir,
+    };
+    let agent_bin = built.agent_bin();
     if !agent_bin.exists() {
         bail!("cargo succeeded but {} is missing", agent_bin.display());
     }
@@ -47,11 +56,7 @@ pub fn build(root: &Path, profile: Profile) -> Result<Built> {
         check_static(&agent_bin)?;
     }
     cmd::say(format!("mesh-agent: {}", agent_bin.display()));
-    Ok(Built {
-        ebpf_object,
-        agent_bin,
-        bin_dir,
-    })
+    Ok(built)
 }
 
 /// The glibc target of the machine xtask runs on (xtask is built for the host).
@@ -121,7 +126,7 @@ fn check_static(bin: &Path) -> Result<()> {
         bail!(
             "{} links {}, which a static executable can only use with the NSS or iconv \
              modules of the very glibc it was linked with; find the caller and do without it \
-             (mesh-agent/src/stat.rs takes IP addresses rather than resolving names)",
+             (mesh-agent's http_client::http_address takes IP addresses rather than resolving names)",
             bin.display(),
             found.join(", ")
         );

@@ -90,7 +90,7 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     let mut results = Results::new(command, Machine::read(root), plan.json(), plan.text());
     let out_dir = root.join("target/bench");
     let outcome = measure(
-        &built.agent_bin,
+        &built.agent_bin(),
         &bench_bin,
         loopback_redirect,
         &plan,
