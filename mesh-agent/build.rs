@@ -1,8 +1,14 @@
-//! Embeds the compiled eBPF object so `mesh-agent` is a single self-contained binary.
+//! Embeds the compiled eBPF object so `mesh-agent` is a single self-contained binary, and
+//! links release builds with the code layout of `layout.ld`.
 //!
 //! The object is built by `cargo xtask build-ebpf` (it needs a different target and toolchain
 //! than the agent). `MESH_EBPF_OBJECT` names it explicitly; otherwise the object of the same
 //! profile under target/bpfel-unknown-none is used, then the other profile's.
+//!
+//! `layout.ld` (written by `cargo xtask layout`) places the functions an agent runs ahead of
+//! the rest of the code, so an idle agent maps about the code it runs instead of most of its
+//! binary (docs/benchmarks.md, change 11). `MESH_AGENT_LINK_MAP`, when set and not empty, has
+//! the linker write its map there (`cargo xtask layout` reads it).
 
 use std::path::PathBuf;
 
@@ -46,4 +52,24 @@ fn main() {
     };
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("mesh-ebpf.o");
     std::fs::copy(object, &out).expect("cannot copy the eBPF object into OUT_DIR");
+
+    println!("cargo:rerun-if-changed=layout.ld");
+    println!("cargo:rerun-if-env-changed=MESH_AGENT_LINK_MAP");
+    let linux = std::env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux");
+    if profile == "release" && linux {
+        // INSERT BEFORE .text in the script adds to the linker's default layout rather than
+        // replacing it (GNU ld and lld).
+        let script = manifest.join("layout.ld");
+        println!(
+            "cargo:rustc-link-arg-bin=mesh-agent=-Wl,-T,{}",
+            script.display()
+        );
+    }
+    if let Some(map) = std::env::var_os("MESH_AGENT_LINK_MAP").filter(|m| !m.is_empty()) {
+        // Mangled names in the map, as profilers and symbol tables give them.
+        println!(
+            "cargo:rustc-link-arg-bin=mesh-agent=-Wl,-Map={},--no-demangle",
+            PathBuf::from(map).display()
+        );
+    }
 }

@@ -7,6 +7,7 @@ mod ci;
 mod cmd;
 mod demo;
 mod ebpf;
+mod layout;
 mod linker;
 mod workspace;
 
@@ -44,6 +45,9 @@ enum Task {
     Test,
     /// Build, then run the demo: simulated ECS nodes with the real agent.
     Demo,
+    /// Record which functions of the agent run (the quick benchmark under callgrind) and
+    /// write mesh-agent/layout.ld, which release builds use to place them first. Needs root.
+    Layout,
     /// Build release binaries, then benchmark direct vs mesh vs a stunnel pair side by side
     /// (results in target/bench/; see docs/benchmarks.md). Needs root.
     Bench {
@@ -130,6 +134,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             let built = workspace::build(&root, Profile::Debug)?;
             demo::run(&root, &built.agent_bin())
         }
+        Task::Layout => layout::run(&root),
         Task::Bench {
             quick,
             loopback_redirect,

@@ -8,12 +8,15 @@
 //! (docs/benchmarks.md, change 10). Debug builds, which the tests and the demo use, stay
 //! dynamic: they share their dependencies with `cargo test` and `cargo clippy`.
 
-use crate::{Profile, cmd, ebpf};
+use crate::{Profile, cmd, ebpf, layout};
 use anyhow::{Context, Result, bail};
 use object::read::elf::{ElfFile64, ProgramHeader as _};
 use object::{Endianness, Object as _, ObjectSymbol as _, elf};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The environment variable through which mesh-agent's build script is asked for a link map.
+const LINK_MAP_ENV: &str = "MESH_AGENT_LINK_MAP";
 
 pub struct Built {
     pub ebpf_object: PathBuf,
@@ -28,11 +31,24 @@ impl Built {
 }
 
 pub fn build(root: &Path, profile: Profile) -> Result<Built> {
+    build_with(root, profile, None)
+}
+
+/// A release build whose link also writes the linker's map of the agent to `link_map` (which
+/// input section of which file each function came from), for `cargo xtask layout`.
+pub fn build_with_link_map(root: &Path, link_map: &Path) -> Result<Built> {
+    build_with(root, Profile::Release, Some(link_map))
+}
+
+fn build_with(root: &Path, profile: Profile, link_map: Option<&Path>) -> Result<Built> {
     let ebpf_object = ebpf::build(root, profile)?;
     let mut cargo = cargo_with_object(root, &ebpf_object);
     cargo
         .args(["build", "-p", "mesh-agent", "-p", "mesh-tests"])
         .args(profile.cargo_flag());
+    if let Some(map) = link_map {
+        cargo.env(LINK_MAP_ENV, map);
+    }
     let bin_dir = match profile {
         Profile::Debug => root.join("target").join(profile.dir()),
         Profile::Release => {
@@ -54,6 +70,7 @@ pub fn build(root: &Path, profile: Profile) -> Result<Built> {
     }
     if profile == Profile::Release {
         check_static(&agent_bin)?;
+        layout::check(&agent_bin, &root.join(layout::SCRIPT))?;
     }
     cmd::say(format!("mesh-agent: {}", agent_bin.display()));
     Ok(built)
@@ -134,12 +151,13 @@ fn check_static(bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A host cargo that hands the agent's build script the object explicitly. Every workspace cargo
-/// run in one xtask invocation uses this, so the build script sees the same environment and
-/// does not rerun between build, clippy and test.
+/// A host cargo that hands the agent's build script the object explicitly (and no link map).
+/// Every workspace cargo run in one xtask invocation uses this, so the build script sees the
+/// same environment and does not rerun between build, clippy and test.
 pub fn cargo_with_object(root: &Path, ebpf_object: &Path) -> Command {
     let mut cargo = cmd::host_cargo(root);
     cargo.env("MESH_EBPF_OBJECT", ebpf_object);
+    cargo.env(LINK_MAP_ENV, "");
     cargo
 }
 

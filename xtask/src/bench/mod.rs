@@ -14,6 +14,7 @@ mod report;
 mod scenarios;
 mod setup;
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -146,7 +147,7 @@ fn measure(
     results: &mut Results,
     out_dir: &Path,
 ) -> Result<()> {
-    let mut bed = Testbed::start(agent_bin, bench_bin, loopback_redirect)
+    let mut bed = Testbed::start(agent_bin, bench_bin, loopback_redirect, &[])
         .context("setting up the benchmark testbed")?;
     cmd::say(format!(
         "testbed {} ready: {}",
@@ -164,4 +165,47 @@ fn measure(
     drop(bed);
     cmd::say(format!("testbed {id} removed"));
     outcome
+}
+
+/// Runs every scenario of `cargo xtask bench --quick` (short rounds) with each agent started
+/// under `wrapper`, for what the agents execute rather than for figures: `cargo xtask layout`
+/// records their code this way. The agents are stopped with SIGTERM before the testbed goes,
+/// so a profiler that writes its output at exit gets to write it; their logs are kept in `logs`.
+pub fn exercise(
+    root: &Path,
+    built: &workspace::Built,
+    wrapper: &[OsString],
+    logs: &Path,
+) -> Result<()> {
+    apt::ensure(PACKAGES, "benchmark packages")?;
+    let bench_bin = built.bin_dir.join("mesh-bench");
+    catch_stop_signals();
+    let options = Options {
+        quick: true,
+        loopback_redirect: false,
+        only: None,
+        rate: None,
+        seconds: Some(2),
+    };
+    let plan = Plan::new(&options);
+    let mut results = Results::new(
+        "cargo xtask layout".into(),
+        Machine::read(root),
+        plan.json(),
+        plan.text(),
+    );
+    let mut bed = Testbed::start(&built.agent_bin(), &bench_bin, false, wrapper)
+        .context("setting up the benchmark testbed")?;
+    let outcome = Runner::new(&mut bed, &plan, &mut results).run_all();
+    let stopped: Result<Vec<_>> = bed.agents.iter_mut().map(|a| a.terminate()).collect();
+    if let Err(e) = bed.save_logs(logs) {
+        cmd::say(format!("could not keep the agents' logs: {e:#}"));
+    }
+    drop(bed);
+    if interrupted() {
+        bail!("interrupted");
+    }
+    outcome?;
+    stopped.context("stopping the agents")?;
+    Ok(())
 }

@@ -11,6 +11,7 @@
 //! captured; the other pairs share the same kernel, links and agents' presence, which is
 //! what makes the three setups comparable within one run.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -108,8 +109,14 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    /// `loopback_redirect`: the agents' `capture.loopback_redirect`.
-    pub fn start(agent_bin: &Path, bench_bin: &Path, loopback_redirect: bool) -> Result<Testbed> {
+    /// `loopback_redirect`: the agents' `capture.loopback_redirect`; `agent_wrapper`: a command
+    /// the agents run under (a profiler), none for the benchmark itself.
+    pub fn start(
+        agent_bin: &Path,
+        bench_bin: &Path,
+        loopback_redirect: bool,
+        agent_wrapper: &[OsString],
+    ) -> Result<Testbed> {
         let topology = Topology::new().context("building the benchmark topology")?;
         let node1 = topology.add_node()?;
         let node2 = topology.add_node()?;
@@ -152,7 +159,7 @@ impl Testbed {
         // The agent raises its own open-files soft limit to the hard one at start-up.
         let launch = Launch {
             bin: agent_bin.to_path_buf(),
-            wrapper: Vec::new(),
+            wrapper: agent_wrapper.to_vec(),
             env: Vec::new(),
         };
         let capture = format!("[capture]\nloopback_redirect = {loopback_redirect}\n");
@@ -179,7 +186,7 @@ impl Testbed {
             );
             let comm = procs::comm(agent.pid())?;
             ensure!(
-                comm == "mesh-agent",
+                comm == "mesh-agent" || !agent_wrapper.is_empty(),
                 "pid {} is {comm:?}, not the agent",
                 agent.pid()
             );
