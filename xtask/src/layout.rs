@@ -509,6 +509,13 @@ mod tests {
     use std::path::PathBuf;
     use std::process::Command;
 
+    fn at(name: &str, file: &str) -> InputSection {
+        InputSection {
+            name: name.into(),
+            file: file.into(),
+        }
+    }
+
     #[test]
     fn callgrind_names_every_function_once() {
         let profile = "version: 1\ncreator: callgrind-3.19.0\n\
@@ -556,10 +563,6 @@ Linker script and memory map
                 0x0000000000090000                a_string
 ";
         let sections = input_sections(map);
-        let at = |name: &str, file: &str| InputSection {
-            name: name.into(),
-            file: file.into(),
-        };
         assert_eq!(
             sections.get("very_long_function_name"),
             Some(&at(".text.very_long_function_name", "/tmp/cc1.o"))
@@ -587,10 +590,6 @@ Linker script and memory map
           639000           639000        0     1                 not_code
 ";
         let sections = input_sections(map);
-        let at = |name: &str, file: &str| InputSection {
-            name: name.into(),
-            file: file.into(),
-        };
         assert_eq!(
             sections.get("_ZN3foo3bar17h0123456789abcdefE"),
             Some(&at(
@@ -607,10 +606,6 @@ Linker script and memory map
 
     #[test]
     fn rules_survive_rebuilds() {
-        let at = |name: &str, file: &str| InputSection {
-            name: name.into(),
-            file: file.into(),
-        };
         let rust = "/t/mesh_agent-1a2b.mesh_agent.3c4d-cgu.0.rcgu.o";
         let legacy = "_ZN4core3fmt5write17h0123456789abcdefE";
         let wanted = "*(.text._ZN4core3fmt5write17h* .text.unlikely._ZN4core3fmt5write17h*)";

@@ -5,8 +5,10 @@
 //! runs on, and its relocations are packed (RELR), which glibc's own start-up code applies.
 //! Both save memory in every idle agent: no shared C library and dynamic loader mapped
 //! around the few functions used, and 6 KiB of relocations read at start instead of 447 KiB
-//! (docs/benchmarks.md, change 10). Debug builds, which the tests and the demo use, stay
-//! dynamic: they share their dependencies with `cargo test` and `cargo clippy`.
+//! (docs/benchmarks.md, change 10). Its code is laid out by `mesh-agent/layout.ld`, and the
+//! build says how much of that script it applied (`layout::check`, change 11). Debug builds,
+//! which the tests and the demo use, stay dynamic: they share their dependencies with
+//! `cargo test` and `cargo clippy`.
 
 use crate::{Profile, cmd, ebpf, layout};
 use anyhow::{Context, Result, bail};
