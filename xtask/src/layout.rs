@@ -64,8 +64,7 @@ pub fn run(root: &Path) -> Result<()> {
     .map(OsString::from)
     .collect();
     cmd::say("running the quick benchmark's scenarios with both agents under callgrind (~4 min)");
-    let logs = dir.join("logs");
-    bench::exercise(root, &built, &wrapper, &logs)?;
+    bench::exercise(root, &built, &wrapper, &dir)?;
 
     let mut executed = BTreeSet::new();
     for entry in fs::read_dir(&dir)? {
@@ -80,9 +79,9 @@ pub fn run(root: &Path) -> Result<()> {
     }
     ensure!(
         !executed.is_empty(),
-        "callgrind recorded no function in {}; the agents' logs are in {}",
+        "callgrind recorded no function in {}; the agents' logs are in {}/logs",
         dir.display(),
-        logs.display()
+        dir.display()
     );
     let map = fs::read_to_string(&map_path)
         .with_context(|| format!("reading the link map {}", map_path.display()))?;
@@ -400,12 +399,12 @@ struct Coverage {
 
 /// Says how much of `script` a release build of `bin` placed: fails if the script was not
 /// applied at all, warns if it looks stale.
-pub fn check(bin: &Path, script: &Path) -> Result<()> {
+pub fn check(bin: &Path, executable: &[u8], script: &Path) -> Result<()> {
     let Some(Coverage {
         found,
         named,
         bytes,
-    }) = coverage(bin, script)?
+    }) = coverage(bin, executable, script)?
     else {
         return Ok(());
     };
@@ -426,15 +425,14 @@ pub fn check(bin: &Path, script: &Path) -> Result<()> {
 }
 
 /// None when the script names no function.
-fn coverage(bin: &Path, script: &Path) -> Result<Option<Coverage>> {
+fn coverage(bin: &Path, executable: &[u8], script: &Path) -> Result<Option<Coverage>> {
     let text =
         fs::read_to_string(script).with_context(|| format!("reading {}", script.display()))?;
     let patterns = symbol_patterns(&text);
     if patterns.is_empty() {
         return Ok(None);
     }
-    let data = fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
-    let file = object::File::parse(&*data)
+    let file = object::File::parse(executable)
         .with_context(|| format!("{} is not an object file", bin.display()))?;
     let Some(section) = file.section_by_name(OUTPUT_SECTION) else {
         bail!(
@@ -776,7 +774,7 @@ Linker script and memory map
                 sections.get("__libc_start_main_impl")
             );
 
-            let coverage = coverage(&bin, &script).unwrap().unwrap();
+            let coverage = coverage(&bin, &data, &script).unwrap().unwrap();
             assert_eq!((coverage.found, coverage.named), (2, 3), "{linker}");
         }
         fs::remove_dir_all(&dir).unwrap();

@@ -71,8 +71,10 @@ fn build_with(root: &Path, profile: Profile, link_map: Option<&Path>) -> Result<
         bail!("cargo succeeded but {} is missing", agent_bin.display());
     }
     if profile == Profile::Release {
-        check_static(&agent_bin)?;
-        layout::check(&agent_bin, &root.join(layout::SCRIPT))?;
+        let executable = std::fs::read(&agent_bin)
+            .with_context(|| format!("reading {}", agent_bin.display()))?;
+        check_static(&agent_bin, &executable)?;
+        layout::check(&agent_bin, &executable, &root.join(layout::SCRIPT))?;
     }
     cmd::say(format!("mesh-agent: {}", agent_bin.display()));
     Ok(built)
@@ -116,9 +118,8 @@ const NEEDS_HOST_GLIBC: &[&str] = &[
 ];
 
 /// Fails unless `bin` is a static executable that calls none of [`NEEDS_HOST_GLIBC`].
-fn check_static(bin: &Path) -> Result<()> {
-    let data = std::fs::read(bin).with_context(|| format!("reading {}", bin.display()))?;
-    let file = ElfFile64::<Endianness>::parse(&*data)
+fn check_static(bin: &Path, data: &[u8]) -> Result<()> {
+    let file = ElfFile64::<Endianness>::parse(data)
         .with_context(|| format!("{} is not a 64-bit ELF file", bin.display()))?;
     let endian = file.endian();
     let interpreted = file
@@ -190,9 +191,10 @@ mod tests {
                         int main(void) { struct addrinfo *r; \
                         return getaddrinfo(\"localhost\", NULL, NULL, &r); }\n";
 
-        let result = check_static(&link_c(&dir, "static", plain, true));
-        let dynamic = check_static(&link_c(&dir, "dynamic", plain, false));
-        let resolving = check_static(&link_c(&dir, "resolving", resolver, true));
+        let check = |bin: PathBuf| check_static(&bin, &std::fs::read(&bin).unwrap());
+        let result = check(link_c(&dir, "static", plain, true));
+        let dynamic = check(link_c(&dir, "dynamic", plain, false));
+        let resolving = check(link_c(&dir, "resolving", resolver, true));
         std::fs::remove_dir_all(&dir).unwrap();
 
         result.unwrap();

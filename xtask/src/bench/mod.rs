@@ -90,10 +90,14 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     }
     let mut results = Results::new(command, Machine::read(root), plan.json(), plan.text());
     let out_dir = root.join("target/bench");
+    let launch = AgentLaunch {
+        loopback_redirect,
+        wrapper: &[],
+    };
     let outcome = measure(
         &built.agent_bin(),
         &bench_bin,
-        loopback_redirect,
+        launch,
         &plan,
         &mut results,
         &out_dir,
@@ -138,24 +142,41 @@ pub fn run(root: &Path, options: Options) -> Result<()> {
     Ok(())
 }
 
-/// Builds the testbed, runs every scenario, tears the testbed down (also on error).
+/// How the agents of a testbed run: plainly for the benchmark, or under a profiler that
+/// writes its output when they exit (`cargo xtask layout`).
+struct AgentLaunch<'a> {
+    loopback_redirect: bool,
+    wrapper: &'a [OsString],
+}
+
+/// Builds the testbed, runs every scenario, tears the testbed down (also on error). Agents
+/// run under a wrapper are stopped with SIGTERM first, so that it gets to write its output.
 fn measure(
     agent_bin: &Path,
     bench_bin: &Path,
-    loopback_redirect: bool,
+    launch: AgentLaunch<'_>,
     plan: &Plan,
     results: &mut Results,
     out_dir: &Path,
 ) -> Result<()> {
-    let mut bed = Testbed::start(agent_bin, bench_bin, loopback_redirect, &[])
-        .context("setting up the benchmark testbed")?;
+    let mut bed = Testbed::start(
+        agent_bin,
+        bench_bin,
+        launch.loopback_redirect,
+        launch.wrapper,
+    )
+    .context("setting up the benchmark testbed")?;
     cmd::say(format!(
         "testbed {} ready: {}",
         bed.id(),
         bed.dir().display()
     ));
     results.tls = bed.tls.clone();
-    let outcome = Runner::new(&mut bed, plan, results).run_all();
+    let mut outcome = Runner::new(&mut bed, plan, results).run_all();
+    if !launch.wrapper.is_empty() {
+        let stopped: Result<Vec<_>> = bed.agents.iter_mut().map(|a| a.terminate()).collect();
+        outcome = outcome.and(stopped.map(drop).context("stopping the agents"));
+    }
     let logs = out_dir.join("logs");
     match bed.save_logs(&logs) {
         Ok(()) => cmd::say(format!("proxy logs: {}", logs.display())),
@@ -169,43 +190,42 @@ fn measure(
 
 /// Runs every scenario of `cargo xtask bench --quick` (short rounds) with each agent started
 /// under `wrapper`, for what the agents execute rather than for figures: `cargo xtask layout`
-/// records their code this way. The agents are stopped with SIGTERM before the testbed goes,
-/// so a profiler that writes its output at exit gets to write it; their logs are kept in `logs`.
+/// records their code this way. The proxies' logs are kept in `out_dir`/logs.
 pub fn exercise(
     root: &Path,
     built: &workspace::Built,
     wrapper: &[OsString],
-    logs: &Path,
+    out_dir: &Path,
 ) -> Result<()> {
     apt::ensure(PACKAGES, "benchmark packages")?;
-    let bench_bin = built.bin_dir.join("mesh-bench");
     catch_stop_signals();
-    let options = Options {
+    let plan = Plan::new(&Options {
         quick: true,
         loopback_redirect: false,
         only: None,
         rate: None,
         seconds: Some(2),
-    };
-    let plan = Plan::new(&options);
+    });
     let mut results = Results::new(
         "cargo xtask layout".into(),
         Machine::read(root),
         plan.json(),
         plan.text(),
     );
-    let mut bed = Testbed::start(&built.agent_bin(), &bench_bin, false, wrapper)
-        .context("setting up the benchmark testbed")?;
-    let outcome = Runner::new(&mut bed, &plan, &mut results).run_all();
-    let stopped: Result<Vec<_>> = bed.agents.iter_mut().map(|a| a.terminate()).collect();
-    if let Err(e) = bed.save_logs(logs) {
-        cmd::say(format!("could not keep the agents' logs: {e:#}"));
-    }
-    drop(bed);
+    let launch = AgentLaunch {
+        loopback_redirect: false,
+        wrapper,
+    };
+    let outcome = measure(
+        &built.agent_bin(),
+        &built.bin_dir.join("mesh-bench"),
+        launch,
+        &plan,
+        &mut results,
+        out_dir,
+    );
     if interrupted() {
         bail!("interrupted");
     }
-    outcome?;
-    stopped.context("stopping the agents")?;
-    Ok(())
+    outcome
 }
