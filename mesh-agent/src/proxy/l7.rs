@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
@@ -18,7 +19,7 @@ use tracing::{debug, info};
 use super::Mesh;
 use super::http::{self, Decision, GrpcCodes, HttpVersion, RequestRecord, RetryOn, Target};
 use super::outbound::{OutboundContext, open_remote};
-use super::splice::{Metered, splice};
+use super::splice::{Metered, SpliceEnd, splice};
 use crate::access_log::RequestEntry;
 use crate::certs::WorkloadSlot;
 use crate::destinations::Target as Destination;
@@ -658,6 +659,26 @@ impl AsyncWrite for UpstreamIo {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tunnel(t) => Pin::new(&mut t.io).poll_shutdown(cx),
+        }
+    }
+}
+
+impl SpliceEnd for UpstreamIo {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        match self {
+            UpstreamIo::Tcp(s) => s.poll_read_chunk(cx),
+            UpstreamIo::Tunnel(t) => t.io.poll_read_chunk(cx),
+        }
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        match self {
+            UpstreamIo::Tcp(s) => s.poll_write_chunk(cx, chunk),
+            UpstreamIo::Tunnel(t) => t.io.poll_write_chunk(cx, chunk),
         }
     }
 }

@@ -10,7 +10,7 @@ mod splice;
 
 pub use inbound::{InboundHttp, serve_inbound_http};
 pub use outbound::{OutboundContext, serve_outbound};
-pub use splice::splice;
+pub use splice::{SpliceEnd, splice};
 use std::sync::Arc;
 
 use std::net::SocketAddr;

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use hyper::body::Bytes;
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::splice::splice;
+use super::splice::{SpliceEnd, splice};
 use super::{ConnectionSet, Mesh, accept_loop, http, l7};
 use crate::capture::Capture;
 use crate::certs::WorkloadSlot;
@@ -427,7 +427,7 @@ async fn send_then_splice<U>(
     down: &[&Counter],
 ) -> io::Result<()>
 where
-    U: AsyncRead + AsyncWrite + Unpin,
+    U: SpliceEnd,
 {
     if !prefix.is_empty() {
         upstream.write_all(prefix).await?;

@@ -1,9 +1,15 @@
 //! Byte copying between two sockets with half-close and backpressure, metered as it goes.
 //!
-//! Copy buffers are borrowed from a per-thread pool only while bytes are in flight: a read is
-//! attempted with a pooled buffer, and if nothing is there the buffer goes straight back. So an
-//! idle proxied connection holds no buffer at all (10,000 idle connections cost their sockets,
-//! not 10,000 × 2 buffers), and a busy one reuses the same few buffers instead of allocating.
+//! A splice moves owned buffers ([`Bytes`]) from one end to the other. A socket end reads into
+//! a buffer borrowed from a per-thread pool and writes from whatever buffer it is given; a
+//! tunnel stream end hands out the HTTP/2 frames' own buffers and sends the buffers it is
+//! given as they are ([`SpliceEnd`]). So between a socket and a tunnel stream no byte is copied
+//! in user space: only the kernel's copies and TLS remain.
+//!
+//! Buffers are held only while bytes are in flight: a read is attempted with a pooled buffer,
+//! and if nothing is there the buffer goes straight back. So an idle proxied connection holds
+//! no buffer at all (10,000 idle connections cost their sockets, not 10,000 × 2 buffers), and
+//! a busy one reuses the same few allocations instead of allocating per read.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -11,37 +17,43 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, Bytes, BytesMut};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
-/// Size of a copy buffer (one read). Larger than a socket's typical burst so that bulk
-/// transfers take few syscalls; costless for idle connections, which hold none.
+/// Size of a read buffer. Larger than a socket's typical burst so that bulk transfers take few
+/// syscalls; costless for idle connections, which hold none.
 const BUFFER_SIZE: usize = 32 * 1024;
+/// A pooled buffer with less room than this left is renewed before a read: its allocation is
+/// taken back once the bytes read into it earlier have been written, or replaced.
+const MIN_READ: usize = 8 * 1024;
 /// Buffers kept per thread for reuse; more in flight at once are allocated and freed.
 const POOLED_PER_THREAD: usize = 64;
 
 thread_local! {
-    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static BUFFERS: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]
 thread_local! {
-    /// Buffers lent out on this thread and not yet given back (tests check that idle splices
-    /// hold none; a `#[tokio::test]` runs all its tasks on its own thread).
-    static LENT: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    /// Bytes read and not yet written, held by this thread's splices (tests check that idle
+    /// splices hold none; a `#[tokio::test]` runs all its tasks on its own thread).
+    static HELD: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
 }
 
-fn take_buffer() -> Box<[u8]> {
-    #[cfg(test)]
-    LENT.set(LENT.get() + 1);
-    BUFFERS
+fn take_buffer() -> BytesMut {
+    let mut buffer = BUFFERS
         .with(|b| b.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice())
+        .unwrap_or_else(|| BytesMut::with_capacity(BUFFER_SIZE));
+    if buffer.capacity() < MIN_READ {
+        // Reuses the allocation in place if nothing read into it is still held.
+        buffer.reserve(BUFFER_SIZE);
+    }
+    buffer
 }
 
-fn give_back(buffer: Box<[u8]>) {
-    #[cfg(test)]
-    LENT.set(LENT.get() - 1);
+fn give_back(buffer: BytesMut) {
     BUFFERS.with(|b| {
         let mut pool = b.borrow_mut();
         if pool.len() < POOLED_PER_THREAD {
@@ -49,6 +61,52 @@ fn give_back(buffer: Box<[u8]>) {
         }
     });
 }
+
+/// Reads what `from` has into a pooled buffer: `None` at the end of the stream. A read that
+/// finds nothing holds no buffer while it waits.
+fn poll_read_pooled<R>(from: &mut R, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    let mut buffer = take_buffer();
+    let read = match tokio_util::io::poll_read_buf(Pin::new(from), cx, &mut buffer) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Ok(None)),
+        // What was read leaves as its own handle on the allocation; the rest of the buffer
+        // goes back for the next read.
+        Poll::Ready(Ok(_)) => Poll::Ready(Ok(Some(buffer.split().freeze()))),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    };
+    give_back(buffer);
+    read
+}
+
+/// One end of a splice. The provided methods read into pooled buffers and write through
+/// `AsyncWrite`; an end that carries owned buffers itself (a tunnel stream) overrides both to
+/// pass them on without copying.
+pub trait SpliceEnd: AsyncRead + AsyncWrite + Unpin {
+    /// The next bytes to pass on; `None` when the other side has finished sending.
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        poll_read_pooled(self, cx)
+    }
+
+    /// Writes from the front of `chunk` and advances it past what was written; ready once
+    /// something was.
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        let n = ready!(Pin::new(self).poll_write(cx, chunk))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        chunk.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl SpliceEnd for TcpStream {}
 
 /// Copies `a -> b` and `b -> a` until both directions have finished. When one side stops
 /// sending (EOF), the other side's write half is shut down and the opposite direction keeps
@@ -58,8 +116,8 @@ fn give_back(buffer: Box<[u8]>) {
 /// (a connection may be reported under several label sets).
 pub async fn splice<A, B>(a: A, b: B, a_to_b: &[&Counter], b_to_a: &[&Counter]) -> io::Result<()>
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: SpliceEnd,
+    B: SpliceEnd,
 {
     let (mut a, mut b) = (a, b);
     let mut forward = Pump::new(a_to_b);
@@ -78,10 +136,8 @@ where
 
 /// One direction of a splice.
 struct Pump<'c> {
-    /// Bytes read but not yet written, in `buffer[start..end]`; no buffer when nothing is.
-    buffer: Option<Box<[u8]>>,
-    start: usize,
-    end: usize,
+    /// Read but not yet written; `None` when nothing is.
+    pending: Option<Bytes>,
     /// Written since the last flush.
     unflushed: bool,
     done: bool,
@@ -91,81 +147,72 @@ struct Pump<'c> {
 impl<'c> Pump<'c> {
     fn new(counters: &'c [&'c Counter]) -> Self {
         Pump {
-            buffer: None,
-            start: 0,
-            end: 0,
+            pending: None,
             unflushed: false,
             done: false,
             counters,
         }
     }
 
+    fn hold(&mut self, chunk: Bytes) {
+        #[cfg(test)]
+        HELD.set(HELD.get() + 1);
+        self.pending = Some(chunk);
+    }
+
+    fn release(&mut self) {
+        if self.pending.take().is_some() {
+            #[cfg(test)]
+            HELD.set(HELD.get() - 1);
+        }
+    }
+
     fn poll<R, W>(&mut self, cx: &mut Context<'_>, from: &mut R, to: &mut W) -> Poll<io::Result<()>>
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        R: SpliceEnd,
+        W: SpliceEnd,
     {
         if self.done {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.buffer.is_none() {
-                let mut buffer = take_buffer();
-                let mut read = ReadBuf::new(&mut buffer);
-                match Pin::new(&mut *from).poll_read(cx, &mut read) {
+            if self.pending.is_none() {
+                match from.poll_read_chunk(cx)? {
                     Poll::Pending => {
-                        // Nothing to copy: no buffer held while waiting.
-                        give_back(buffer);
                         if self.unflushed {
                             ready!(Pin::new(&mut *to).poll_flush(cx))?;
                             self.unflushed = false;
                         }
                         return Poll::Pending;
                     }
-                    Poll::Ready(Err(e)) => {
-                        give_back(buffer);
-                        return Poll::Ready(Err(e));
+                    Poll::Ready(None) => {
+                        // EOF: pass the half-close on.
+                        ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                        self.done = true;
+                        return Poll::Ready(Ok(()));
                     }
-                    Poll::Ready(Ok(())) => {
-                        let n = read.filled().len();
-                        if n == 0 {
-                            give_back(buffer);
-                            // EOF: pass the half-close on.
-                            ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
-                            self.done = true;
-                            return Poll::Ready(Ok(()));
-                        }
+                    Poll::Ready(Some(chunk)) => {
                         for c in self.counters {
-                            c.inc_by(n as u64);
+                            c.inc_by(chunk.len() as u64);
                         }
-                        self.buffer = Some(buffer);
-                        (self.start, self.end) = (0, n);
+                        self.hold(chunk);
                     }
                 }
             }
-            let Some(buffer) = &self.buffer else {
-                continue;
-            };
-            while self.start < self.end {
-                let n = ready!(Pin::new(&mut *to).poll_write(cx, &buffer[self.start..self.end]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            if let Some(chunk) = &mut self.pending {
+                while !chunk.is_empty() {
+                    ready!(to.poll_write_chunk(cx, chunk))?;
+                    self.unflushed = true;
                 }
-                self.start += n;
-                self.unflushed = true;
             }
-            if let Some(buffer) = self.buffer.take() {
-                give_back(buffer);
-            }
+            self.release();
         }
     }
 }
 
 impl Drop for Pump<'_> {
     fn drop(&mut self) {
-        if let Some(buffer) = self.buffer.take() {
-            give_back(buffer);
-        }
+        self.release();
     }
 }
 
@@ -265,10 +312,12 @@ mod tests {
         assert_eq!(down.get(), 100_000);
     }
 
-    /// Idle splices hold no copy buffer; bytes still flow through all of them afterwards.
+    impl SpliceEnd for tokio::io::DuplexStream {}
+
+    /// Idle splices hold no buffer; bytes still flow through all of them afterwards.
     #[tokio::test]
     async fn idle_splices_hold_no_buffer() {
-        let lent_before = LENT.get();
+        let held_before = HELD.get();
         let mut ends = Vec::new();
         for _ in 0..200 {
             let (client, proxy_a) = tokio::io::duplex(64 * 1024);
@@ -278,7 +327,7 @@ mod tests {
         }
         tokio::task::yield_now().await;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(LENT.get(), lent_before);
+        assert_eq!(HELD.get(), held_before);
         for (client, server) in &mut ends {
             client.write_all(&[1u8; 40_000]).await.unwrap();
             let mut got = vec![0u8; 40_000];
@@ -286,6 +335,6 @@ mod tests {
             assert!(got.iter().all(|b| *b == 1));
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(LENT.get(), lent_before);
+        assert_eq!(HELD.get(), held_before);
     }
 }

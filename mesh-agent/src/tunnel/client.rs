@@ -15,18 +15,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Bytes;
-use hyper::client::conn::http2;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
 use super::reauth::{self, Lapse};
+use super::stream::TunnelIo;
 use super::tracked::Tracked;
-use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
+use super::{HANDSHAKE_TIMEOUT, client_builder};
 use super::{StreamMeta, tls};
 use crate::certs::{Certs, WorkloadSlot};
 use crate::identity::SpiffeId;
@@ -52,7 +49,7 @@ pub enum TunnelError {
     #[error("TLS handshake with the peer agent at {peer} failed: {source}")]
     Handshake { peer: SocketAddr, source: io::Error },
     #[error("HTTP/2 with the peer agent failed: {0}")]
-    Http(#[from] hyper::Error),
+    Http(#[from] h2::Error),
     #[error("{0}")]
     Other(String),
 }
@@ -73,8 +70,9 @@ struct PoolKey {
 }
 
 struct Connection {
-    sender: http2::SendRequest<Empty<Bytes>>,
-    /// Set when a request on it failed: it is not used for new streams again.
+    sender: h2::client::SendRequest<Bytes>,
+    /// Set when a request on it failed or the connection ended: it is not used for new
+    /// streams again.
     broken: Arc<AtomicBool>,
     streams: Arc<AtomicUsize>,
     last_used: Arc<Mutex<Instant>>,
@@ -85,7 +83,7 @@ struct Connection {
 
 impl Connection {
     fn is_broken(&self) -> bool {
-        self.sender.is_closed() || self.broken.load(Ordering::Relaxed)
+        self.broken.load(Ordering::Relaxed)
     }
 
     fn usable(&self, generation: u64) -> bool {
@@ -111,16 +109,15 @@ pub struct Pool {
     entries: Mutex<HashMap<PoolKey, Slot>>,
 }
 
-/// An open stream: the upgraded CONNECT tunnel. Counts as a stream of its connection until
-/// dropped.
+/// An open stream: the CONNECT tunnel. Counts as a stream of its connection until dropped.
 pub struct TunnelStream {
-    pub io: TokioIo<Upgraded>,
+    pub io: TunnelIo,
     _guard: StreamGuard,
 }
 
 /// A stream slot taken on a connection.
 struct Checkout {
-    sender: http2::SendRequest<Empty<Bytes>>,
+    sender: h2::client::SendRequest<Bytes>,
     broken: Arc<AtomicBool>,
     guard: StreamGuard,
 }
@@ -238,7 +235,7 @@ impl Pool {
     /// Sends the CONNECT request and waits for the peer's answer.
     async fn connect_stream(
         &self,
-        mut stream: Checkout,
+        stream: Checkout,
         target: SocketAddr,
         meta: &StreamMeta,
     ) -> Result<TunnelStream, TunnelError> {
@@ -246,14 +243,15 @@ impl Pool {
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(Empty::new())
+            .body(())
             .map_err(|e| TunnelError::Other(e.to_string()))?;
         meta.write_to(request.headers_mut());
         let sent = async {
-            stream.sender.ready().await?;
-            stream.sender.send_request(request).await
+            let mut sender = stream.sender.ready().await?;
+            let (response, send) = sender.send_request(request, false)?;
+            Ok::<_, h2::Error>((response.await?, send))
         };
-        let response = match sent.await {
+        let (response, send) = match sent.await {
             Ok(r) => r,
             Err(e) => {
                 // No new stream goes over this connection again.
@@ -269,9 +267,8 @@ impl Pool {
             StatusCode::SERVICE_UNAVAILABLE => return Err(TunnelError::Unavailable),
             s => return Err(TunnelError::Status(s)),
         }
-        let upgraded = hyper::upgrade::on(response).await?;
         Ok(TunnelStream {
-            io: TokioIo::new(upgraded),
+            io: TunnelIo::new(send, response.into_body()),
             _guard: stream.guard,
         })
     }
@@ -340,22 +337,20 @@ impl Pool {
 
         // Counted from the TLS handshake on, until the socket is dropped.
         let tls = Tracked::new(tls, self.metrics.tunnel_connection_opened("outbound"));
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(H2_STREAM_WINDOW)
-            .initial_connection_window_size(H2_CONNECTION_WINDOW)
-            .handshake(TokioIo::new(tls))
-            .await?;
+        let (sender, connection) = client_builder().handshake(tls).await?;
         info!(task = %source.task, source = %source.slot.id(), destination = %destination, %peer, "tunnel connection established");
+        let broken = Arc::new(AtomicBool::new(false));
         tokio::spawn(drive(
             connection,
             reauth::lapse(chain, self.certs.clone()),
+            broken.clone(),
             self.metrics.clone(),
             source.task.clone(),
             peer,
         ));
         Ok(Connection {
             sender,
-            broken: Arc::new(AtomicBool::new(false)),
+            broken,
             streams: Arc::new(AtomicUsize::new(0)),
             last_used: Arc::new(Mutex::new(Instant::now())),
             generation,
@@ -388,20 +383,21 @@ impl Pool {
     }
 }
 
-/// Runs hyper's side of the HTTP/2 connection (the request dispatcher: it can end before the
-/// connection does, which runs in a task of hyper's own), and reports when the peer's
+/// Runs the HTTP/2 connection (its frames in both directions, for all its streams) until it
+/// ends, then marks it broken so that the pool drops it; reports when the peer's
 /// authentication lapses (see [`super::reauth`]). Nothing else is needed here: an expired peer
 /// fails [`Connection::usable`], a bundle change bumps the generation, so either way the pool
-/// opens new streams elsewhere and this connection ends once its open streams have, like any
-/// idle one.
+/// opens new streams elsewhere and this connection ends once its open streams have and the
+/// pool has let go of it, like any idle one.
 async fn drive<C>(
     connection: C,
     lapse: impl std::future::Future<Output = Lapse>,
+    broken: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     task: Arc<str>,
     peer: SocketAddr,
 ) where
-    C: std::future::Future<Output = Result<(), hyper::Error>>,
+    C: std::future::Future<Output = Result<(), h2::Error>>,
 {
     tokio::pin!(connection);
     let ended = tokio::select! {
@@ -411,6 +407,7 @@ async fn drive<C>(
             connection.await
         }
     };
+    broken.store(true, Ordering::Relaxed);
     match ended {
         Err(e) => debug!(%peer, error = %e, "tunnel connection ended with an error"),
         Ok(()) => debug!(%peer, "tunnel connection closed"),

@@ -11,6 +11,7 @@ mod hostports;
 mod meta;
 mod reauth;
 mod server;
+mod stream;
 mod tls;
 mod tracked;
 
@@ -29,3 +30,36 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// trip; these let a single stream fill a fast link while still bounding per-stream buffering.
 const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// The largest header block a peer may send: a CONNECT request carries a handful of headers.
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// Data queued in h2 per stream, waiting for the connection to write it out.
+const H2_MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Streams reset because of a local protocol error before the connection is dropped (a peer
+/// provoking resets on purpose costs it its connection).
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// The dialling side's HTTP/2 settings.
+fn client_builder() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_send_buffer_size(H2_MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESETS))
+        .enable_push(false);
+    builder
+}
+
+/// The receiving side's HTTP/2 settings; `max_streams` open at once per connection.
+fn server_builder(max_streams: u32) -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_send_buffer_size(H2_MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESETS))
+        .max_concurrent_streams(max_streams);
+    builder
+}

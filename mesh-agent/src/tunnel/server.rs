@@ -3,17 +3,16 @@
 //! destination task's policy), then connected to the target port from inside the task's netns
 //! and spliced.
 
-use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::{Bytes, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -22,8 +21,9 @@ use tracing::{debug, info, warn};
 
 use super::hostports::HostPorts;
 use super::reauth;
+use super::stream::TunnelIo;
 use super::tracked::Tracked;
-use super::{H2_CONNECTION_WINDOW, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT};
+use super::{HANDSHAKE_TIMEOUT, server_builder};
 use super::{StreamMeta, tls};
 use crate::certs::{Certs, WorkloadSlot};
 use crate::identity::SpiffeId;
@@ -177,90 +177,131 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<InboundC
     };
     // The node listener presented the certificate of the identity named in SNI: streams on
     // this connection may only reach a task with that identity.
-    let presented = tls.get_ref().1.server_name().map(str::to_owned);
+    let presented: Arc<Option<String>> = Arc::new(tls.get_ref().1.server_name().map(str::to_owned));
     let active = metrics.tunnel_connection_opened("inbound");
     debug!(task = %ctx.scope.name(), %peer, %source, "tunnel connection accepted");
     let source = Arc::new(source);
-    let presented = Arc::new(presented);
-    let service = {
-        let ctx = ctx.clone();
-        service_fn(move |request| {
-            let ctx = ctx.clone();
-            let source = source.clone();
-            let presented = presented.clone();
-            async move {
-                Ok::<_, Infallible>(
-                    open_stream(&ctx, &source, peer, local, presented.as_deref(), request).await,
-                )
-            }
-        })
+    let tls = Tracked::new(tls, active);
+    let mut connection = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        server_builder(MAX_CONCURRENT_STREAMS).handshake(tls),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(task = %ctx.scope.name(), %peer, error = %e, "tunnel connection failed before its first stream");
+            return;
+        }
+        Err(_) => {
+            info!(task = %ctx.scope.name(), %peer, "tunnel connection sent no HTTP/2 preface in time");
+            return;
+        }
     };
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .serve_connection(TokioIo::new(Tracked::new(tls, active)), service);
     // Retired when the client's authentication lapses (see `super::reauth`): GOAWAY, so the
     // client opens its next stream over a new connection (with its renewed certificate, under
     // the current bundle) while the open streams finish.
     let lapse = reauth::lapse(chain, ctx.certs.clone());
-    tokio::pin!(connection);
-    let served = tokio::select! {
-        served = &mut connection => served,
-        lapse = lapse => {
-            lapse.report(metrics, "inbound", ctx.scope.name(), peer);
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    tokio::pin!(lapse);
+    let mut lapsed = false;
+    // Accepting also drives the connection: the frames of every open stream move only while
+    // this loop polls it, until the client has closed it (or it failed).
+    loop {
+        tokio::select! {
+            accepted = connection.accept() => match accepted {
+                Some(Ok((request, respond))) => {
+                    let answer = Box::pin(answer_stream(
+                        ctx.clone(),
+                        source.clone(),
+                        peer,
+                        local,
+                        presented.clone(),
+                        request,
+                        respond,
+                    ));
+                    ctx.connections.spawn(carry(answer));
+                }
+                Some(Err(e)) => {
+                    debug!(task = %ctx.scope.name(), %peer, error = %e, "tunnel connection ended with an error");
+                    break;
+                }
+                None => break,
+            },
+            lapse = &mut lapse, if !lapsed => {
+                lapse.report(metrics, "inbound", ctx.scope.name(), peer);
+                connection.graceful_shutdown();
+                lapsed = true;
+            }
         }
-    };
-    if let Err(e) = served {
-        debug!(task = %ctx.scope.name(), %peer, error = %e, "tunnel connection ended with an error");
     }
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut r = Response::new(());
     *r.status_mut() = code;
     r
 }
 
-/// One CONNECT stream: checks, connects the target, answers, then splices once upgraded.
-async fn open_stream(
-    ctx: &Arc<InboundContext>,
-    source: &SpiffeId,
+/// Answers a stream that will not be connected, and ends it.
+fn refuse(mut respond: SendResponse<Bytes>, code: StatusCode) {
+    // Fails only when the client has already reset the stream: nobody to tell.
+    let _ = respond.send_response(status(code), true);
+}
+
+/// A stream answered with 200: what carrying it needs.
+struct Answered {
+    tunnel: TunnelIo,
+    upstream: TcpStream,
+    target: SocketAddr,
+    delivery: Delivery,
+    meta: StreamMeta,
+    labels: TcpLabels,
+    mesh: Arc<Mesh>,
+    connect_timeout: Duration,
+}
+
+/// One CONNECT stream, up to its answer: checks it, connects the target and answers 200, or
+/// refuses it with the status that says why.
+async fn answer_stream(
+    ctx: Arc<InboundContext>,
+    source: Arc<SpiffeId>,
     peer: SocketAddr,
     local: Option<SocketAddr>,
-    presented: Option<&str>,
-    mut request: Request<Incoming>,
-) -> Response<Empty<Bytes>> {
+    presented: Arc<Option<String>>,
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> Option<Answered> {
     let mesh = &ctx.mesh;
     mesh.metrics.tunnel_stream_opened("inbound");
     if request.method() != Method::CONNECT {
-        return status(StatusCode::METHOD_NOT_ALLOWED);
+        refuse(respond, StatusCode::METHOD_NOT_ALLOWED);
+        return None;
     }
     let Some(target) = request
         .uri()
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
-        return status(StatusCode::BAD_REQUEST);
+        refuse(respond, StatusCode::BAD_REQUEST);
+        return None;
     };
-    let delivery = match deliver_to(&ctx.scope, target, local, presented) {
+    let delivery = match deliver_to(&ctx.scope, target, local, presented.as_deref()) {
         Ok(d) => d,
         Err((code, why)) => {
             info!(listener = %ctx.scope.name(), %source, %target, "tunnel stream refused: {why}");
-            return status(code);
+            refuse(respond, code);
+            return None;
         }
     };
     let source_principal = source.to_string();
     let port = delivery.connect_to.port();
     if let Decision::Deny { by_default } =
         mesh.authorizer()
-            .check_in(source, &delivery.task_id, delivery.family.as_deref(), port)
+            .check_in(&source, &delivery.task_id, delivery.family.as_deref(), port)
     {
         info!(
             source = %source_principal,
-            source_role = %role_of(source),
+            source_role = %role_of(&source),
             destination = %delivery.task_id,
             %target,
             %peer,
@@ -269,7 +310,8 @@ async fn open_stream(
         );
         mesh.metrics
             .policy_denial("destination", &source_principal, delivery.workload());
-        return status(StatusCode::FORBIDDEN);
+        refuse(respond, StatusCode::FORBIDDEN);
+        return None;
     }
     let upstream = match delivery
         .netns
@@ -279,14 +321,15 @@ async fn open_stream(
         Ok(s) => s,
         Err(e) => {
             info!(task = %delivery.task_id, %source, %target, error = %e, "cannot connect to the tunnel's target");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            refuse(respond, StatusCode::SERVICE_UNAVAILABLE);
+            return None;
         }
     };
     let meta = StreamMeta::read_from(request.headers());
     let source_workload = meta
         .source_workload
         .clone()
-        .or_else(|| mesh.destinations().workload_of(source));
+        .or_else(|| mesh.destinations().workload_of(&source));
     let labels = TcpLabels {
         reporter: "destination",
         source_workload: source_workload
@@ -305,47 +348,74 @@ async fn open_stream(
         destination_principal: delivery.slot.id().to_string(),
         connection_security_policy: "mutual_tls",
     };
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let tcp = mesh.metrics.tcp(&labels);
-    let task_id = delivery.task_id.clone();
-    let mesh = mesh.clone();
-    let connect_timeout = ctx.connect_timeout;
-    ctx.connections.spawn(async move {
-        let tunnel = match on_upgrade.await {
-            Ok(u) => TokioIo::new(u),
-            Err(e) => {
-                debug!(task = %task_id, %target, error = %e, "tunnel stream closed before upgrade");
-                return;
-            }
-        };
-        tcp.opened.inc();
-        let (up, down) = (tcp.received(), tcp.sent());
-        let result = match meta.protocol {
-            // The source agent proxies this stream's requests: serve them as HTTP too, so
-            // that they are reported by this end (`reporter="destination"`) as well.
-            Some(protocol) => {
-                let stream = InboundHttp {
-                    protocol,
-                    labels: &labels,
-                    service: meta.service.clone(),
-                    netns: delivery.netns.clone(),
-                    connect_to: delivery.connect_to,
-                    connect_timeout,
-                };
-                // Boxed: only HTTP streams should carry the L7 engine's state.
-                Box::pin(serve_inbound_http(
-                    &mesh, stream, tunnel, upstream, &up, &down,
-                ))
-                .await
-            }
-            None => splice(tunnel, upstream, &up, &down).await,
-        };
-        if let Err(e) = result {
-            debug!(task = %task_id, %target, error = %e, "tunnel stream ended with an error");
+    let mut respond = respond;
+    match respond.send_response(status(StatusCode::OK), false) {
+        Ok(send) => Some(Answered {
+            tunnel: TunnelIo::new(send, request.into_body()),
+            upstream,
+            target,
+            delivery,
+            meta,
+            labels,
+            mesh: mesh.clone(),
+            connect_timeout: ctx.connect_timeout,
+        }),
+        Err(e) => {
+            debug!(task = %delivery.task_id, %target, error = %e, "tunnel stream closed before it was answered");
+            None
         }
-        tcp.finish();
-    });
-    status(StatusCode::OK)
+    }
+}
+
+/// [`answer_stream`]'s future, boxed apart from the splice that follows: the checks and the
+/// connect to the target are over before the bytes flow, and their state should not stay
+/// allocated for as long as the stream lives.
+type Answer = Pin<Box<dyn Future<Output = Option<Answered>> + Send>>;
+
+/// Answers a stream, then carries its bytes, or its requests when the source agent said they
+/// are HTTP, until both directions have ended.
+async fn carry(answer: Answer) {
+    // Taken apart here rather than passed on, so that each part is held once.
+    let Some(Answered {
+        tunnel,
+        upstream,
+        target,
+        delivery,
+        meta,
+        labels,
+        mesh,
+        connect_timeout,
+    }) = answer.await
+    else {
+        return;
+    };
+    let tcp = mesh.metrics.tcp(&labels);
+    tcp.opened.inc();
+    let (up, down) = (tcp.received(), tcp.sent());
+    let result = match meta.protocol {
+        // The source agent proxies this stream's requests: serve them as HTTP too, so that
+        // they are reported by this end (`reporter="destination"`) as well.
+        Some(protocol) => {
+            let stream = InboundHttp {
+                protocol,
+                labels: &labels,
+                service: meta.service.clone(),
+                netns: delivery.netns.clone(),
+                connect_to: delivery.connect_to,
+                connect_timeout,
+            };
+            // Boxed: only HTTP streams should carry the L7 engine's state.
+            Box::pin(serve_inbound_http(
+                &mesh, stream, tunnel, upstream, &up, &down,
+            ))
+            .await
+        }
+        None => splice(tunnel, upstream, &up, &down).await,
+    };
+    if let Err(e) = result {
+        debug!(task = %delivery.task_id, %target, error = %e, "tunnel stream ended with an error");
+    }
+    tcp.finish();
 }
 
 /// Checks a stream's target against the listener's scope: the tunnel reaches meshed tasks
@@ -435,5 +505,23 @@ fn handshake_failure(e: &io::Error) -> &'static str {
         Error::InvalidCertificate(_) => "bad_certificate",
         Error::PeerIncompatible(_) | Error::NoApplicationProtocol => "protocol",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The size of the future an `async fn` of one argument returns.
+    fn future_size<A, F: Future>(_: fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every stream a tunnel listener carries is one task holding this future for the
+    /// stream's whole life (what answered it is boxed and gone once the bytes flow): it must
+    /// stay small, as the dialling side's connection task does.
+    #[test]
+    fn a_carried_stream_is_small() {
+        let size = future_size(super::carry);
+        println!("inbound stream future: {size} bytes");
+        assert!(size <= 2048, "{size} bytes");
     }
 }

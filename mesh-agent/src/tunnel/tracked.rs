@@ -1,11 +1,9 @@
 //! A tunnel connection's socket, counted in `mesh_tunnel_connections_active` for exactly as
 //! long as it exists.
 //!
-//! The futures this agent awaits do not say when a connection is gone: hyper's HTTP/2 client
-//! runs the connection in a task of its own, and the future we hold (the request dispatcher)
-//! can finish first, for instance after the peer's GOAWAY while upgraded streams are still
-//! open on the connection. The socket is dropped only when the connection really ends, so
-//! the gauge follows the socket.
+//! A connection ends in many ways (closed by either side, failed, timed out in its handshake,
+//! dropped at the drain deadline, its task aborted); whichever it is, the socket is dropped
+//! exactly then, so the gauge follows the socket instead of each of those paths.
 
 use std::io;
 use std::pin::Pin;
