@@ -4,9 +4,9 @@
 //! hyper's upgraded CONNECT stream, which this replaces, copied every write into a fresh
 //! allocation and handed it through a channel to a task of its own per stream, which then
 //! gave it to h2: per write one allocation, one copy and one task hand-off, per stream one
-//! more task and two channels. Here a write goes to h2 from the caller's task, and
-//! [`TunnelIo::send_chunk`] / [`TunnelIo::poll_chunk`] let the splice pass its buffers to h2,
-//! and h2's frames to the socket, without copying them at all.
+//! more task and two channels. Here a write goes to h2 from the caller's task, and the
+//! stream's [`SpliceEnd`] methods let the splice pass its buffers to h2, and h2's frames to
+//! the socket, without copying them at all.
 
 use std::io;
 use std::pin::Pin;
@@ -22,6 +22,7 @@ use crate::proxy::SpliceEnd;
 /// allow now, so h2 never queues more than that for a stream.
 const MAX_WRITE: usize = 64 * 1024;
 
+/// An open CONNECT stream, dialled or accepted; both directions until each is ended.
 pub struct TunnelIo {
     send: SendStream<Bytes>,
     recv: RecvStream,
@@ -41,10 +42,10 @@ impl TunnelIo {
         }
     }
 
-    /// Waits until the stream may take more data. Capacity is asked for only once there is
-    /// something to send: a reservation held while idle would pin part of the connection's
-    /// window for nothing.
-    fn poll_send_ready(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<io::Result<()>> {
+    /// Waits until the stream may take more data, and says how much of `wanted` bytes it
+    /// takes now. Capacity is asked for only once there is something to send: a reservation
+    /// held while idle would pin part of the connection's window for nothing.
+    fn poll_sendable(&mut self, cx: &mut Context<'_>, wanted: usize) -> Poll<io::Result<usize>> {
         if self.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
@@ -62,7 +63,7 @@ impl TunnelIo {
                 }
             }
         }
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(self.send.capacity().min(MAX_WRITE).min(wanted)))
     }
 
     /// Sends as much of `chunk` as the stream may take now, without copying it; what was sent
@@ -71,8 +72,7 @@ impl TunnelIo {
         if chunk.is_empty() {
             return Poll::Ready(Ok(()));
         }
-        ready!(self.poll_send_ready(cx, chunk.len()))?;
-        let n = self.send.capacity().clamp(1, MAX_WRITE).min(chunk.len());
+        let n = ready!(self.poll_sendable(cx, chunk.len()))?;
         let part = chunk.split_to(n);
         self.send.send_data(part, false).map_err(to_io_error)?;
         Poll::Ready(Ok(()))
@@ -151,8 +151,7 @@ impl AsyncWrite for TunnelIo {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        ready!(this.poll_send_ready(cx, buf.len()))?;
-        let n = this.send.capacity().clamp(1, MAX_WRITE).min(buf.len());
+        let n = ready!(this.poll_sendable(cx, buf.len()))?;
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..n]), false)
             .map_err(to_io_error)?;
