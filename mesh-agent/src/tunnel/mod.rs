@@ -32,6 +32,9 @@ const H2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// The largest header block a peer may send: a CONNECT request carries a handful of headers.
 const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+/// The largest DATA frame a peer may send: a splice chunk (32 KiB) fits one frame, so the
+/// receiving agent writes a chunk to its socket with one system call, not two.
+const H2_MAX_FRAME: u32 = 64 * 1024;
 /// Data queued in h2 per stream, waiting for the connection to write it out.
 const H2_MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// Streams reset because of a local protocol error before the connection is dropped (a peer
@@ -45,6 +48,7 @@ fn client_builder() -> h2::client::Builder {
         .initial_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_frame_size(H2_MAX_FRAME)
         .max_send_buffer_size(H2_MAX_SEND_BUFFER)
         .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESETS))
         .enable_push(false);
@@ -58,6 +62,7 @@ fn server_builder(max_streams: u32) -> h2::server::Builder {
         .initial_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONNECTION_WINDOW)
         .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_frame_size(H2_MAX_FRAME)
         .max_send_buffer_size(H2_MAX_SEND_BUFFER)
         .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESETS))
         .max_concurrent_streams(max_streams);
