@@ -41,30 +41,31 @@ const H2_MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// provoking resets on purpose costs it its connection).
 const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
+/// Applies the settings both ends share to an h2 client or server builder (the two builder
+/// types have the same methods but no common trait), so that neither end can drift from the
+/// other.
+macro_rules! shared_h2_settings {
+    ($builder:expr) => {
+        $builder
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_frame_size(H2_MAX_FRAME)
+            .max_send_buffer_size(H2_MAX_SEND_BUFFER)
+            .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESETS))
+    };
+}
+
 /// The dialling side's HTTP/2 settings.
 fn client_builder() -> h2::client::Builder {
     let mut builder = h2::client::Builder::new();
-    builder
-        .initial_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_frame_size(H2_MAX_FRAME)
-        .max_send_buffer_size(H2_MAX_SEND_BUFFER)
-        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESETS))
-        .enable_push(false);
+    shared_h2_settings!(builder).enable_push(false);
     builder
 }
 
 /// The receiving side's HTTP/2 settings; `max_streams` open at once per connection.
 fn server_builder(max_streams: u32) -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
-    builder
-        .initial_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
-        .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_frame_size(H2_MAX_FRAME)
-        .max_send_buffer_size(H2_MAX_SEND_BUFFER)
-        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_ERROR_RESETS))
-        .max_concurrent_streams(max_streams);
+    shared_h2_settings!(builder).max_concurrent_streams(max_streams);
     builder
 }
