@@ -65,23 +65,14 @@ impl TunnelIo {
         }
         Poll::Ready(Ok(self.send.capacity().min(MAX_WRITE).min(wanted)))
     }
+}
 
-    /// Sends as much of `chunk` as the stream may take now, without copying it; what was sent
-    /// is advanced past. Ready once something was sent.
-    fn poll_send_chunk(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
-        if chunk.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        let n = ready!(self.poll_sendable(cx, chunk.len()))?;
-        let part = chunk.split_to(n);
-        self.send.send_data(part, false).map_err(to_io_error)?;
-        Poll::Ready(Ok(()))
-    }
-
+/// The splice's way in: chunks are handed to h2 and taken from it as they are.
+impl SpliceEnd for TunnelIo {
     /// The next piece of received data, without copying it; `None` at the end of the stream.
     /// Its flow-control window is given back to the peer at once: the caller holds at most
     /// this one piece.
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         if !self.unread.is_empty() {
             return Poll::Ready(Ok(Some(std::mem::take(&mut self.unread))));
         }
@@ -105,19 +96,21 @@ impl TunnelIo {
             };
         }
     }
-}
 
-impl SpliceEnd for TunnelIo {
-    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
-        self.poll_chunk(cx)
-    }
-
+    /// Sends as much of `chunk` as the stream may take now, without copying it; what was sent
+    /// is advanced past. Ready once something was sent.
     fn poll_write_chunk(
         &mut self,
         cx: &mut Context<'_>,
         chunk: &mut Bytes,
     ) -> Poll<io::Result<()>> {
-        self.poll_send_chunk(cx, chunk)
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let n = ready!(self.poll_sendable(cx, chunk.len()))?;
+        let part = chunk.split_to(n);
+        self.send.send_data(part, false).map_err(to_io_error)?;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -129,7 +122,7 @@ impl AsyncRead for TunnelIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.unread.is_empty() {
-            match ready!(this.poll_chunk(cx))? {
+            match ready!(this.poll_read_chunk(cx))? {
                 Some(data) => this.unread = data,
                 None => return Poll::Ready(Ok(())),
             }
@@ -276,7 +269,7 @@ mod tests {
         let writer = tokio::spawn(async move {
             let mut rest = data;
             while !rest.is_empty() {
-                poll_fn(|cx| client.poll_send_chunk(cx, &mut rest))
+                poll_fn(|cx| client.poll_write_chunk(cx, &mut rest))
                     .await
                     .unwrap();
                 // A write never takes more than the stream may send.
@@ -286,7 +279,7 @@ mod tests {
             client
         });
         let mut got = Vec::new();
-        while let Some(chunk) = poll_fn(|cx| server.poll_chunk(cx)).await.unwrap() {
+        while let Some(chunk) = poll_fn(|cx| server.poll_read_chunk(cx)).await.unwrap() {
             got.extend_from_slice(&chunk);
         }
         assert_eq!(got.len(), expected.len());
