@@ -38,6 +38,12 @@ pub enum ServeMode {
     Slow { delay: Duration },
     /// Server speaks first (as MySQL or SMTP): `220 <ip:port> ready\r\n` at once, then echo.
     Greet,
+    /// After the client's first bytes, send `reply_bytes` pattern bytes and reset the
+    /// connection (client: `--mode until-end`).
+    Abort { reply_bytes: u64 },
+    /// Read the client's pattern bytes to their end and log how they ended:
+    /// `ended after N bytes: eof|reset` (client: `--mode abort`).
+    Watch,
 }
 
 /// The `mesh-testkit` binary.
@@ -80,6 +86,10 @@ impl Testkit {
             ServeMode::HttpEcho => command.args(["--mode", "httpecho"]),
             ServeMode::Echo => command.args(["--mode", "echo"]),
             ServeMode::Greet => command.args(["--mode", "greet"]),
+            ServeMode::Watch => command.args(["--mode", "watch"]),
+            ServeMode::Abort { reply_bytes } => command
+                .args(["--mode", "abort", "--reply-bytes"])
+                .arg(reply_bytes.to_string()),
             ServeMode::HalfClose { reply_bytes } => command
                 .args(["--mode", "halfclose", "--reply-bytes"])
                 .arg(reply_bytes.to_string()),
@@ -327,7 +337,8 @@ impl Server {
         self.addr
     }
 
-    /// What the server wrote to stderr (one line per failed connection).
+    /// What the server wrote to stderr (one line per failed connection; `watch` logs every
+    /// connection's end).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

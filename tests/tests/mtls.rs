@@ -614,6 +614,81 @@ fn unreachable_target_behind_the_tunnel_is_reset() {
     })
 }
 
+/// A connection that fails on one side fails on the other, as it would without the mesh (RFC
+/// 9113 section 8.5: a TCP reset crosses the tunnel as a stream reset with CONNECT_ERROR, and
+/// comes out as a TCP reset): a server that answers and resets is seen by the client as its
+/// answer and then a reset, a client that sends and resets is seen by the server as its bytes
+/// and then a reset. Before, both ends saw a clean FIN, so an application could not tell a
+/// truncated stream from a finished one. Checked first without agents, so the check itself is
+/// known to tell a reset from a FIN, then through the tunnel.
+#[test]
+fn a_reset_crosses_the_tunnel_as_a_reset() {
+    with_mesh(TrustInit::default(), |m| {
+        let reply_bytes = 1000u64;
+        let resetting =
+            m.kit
+                .serve(&m.b, addr(m.b.ip(), 8080), ServeMode::Abort { reply_bytes })?;
+        let watching = m.kit.serve(&m.b, addr(m.b.ip(), 8081), ServeMode::Watch)?;
+        let check = |how: &str, runs: usize| -> Result<()> {
+            for run in 0..runs {
+                let out = m.kit.run_client(
+                    &m.a,
+                    resetting.addr(),
+                    &["--mode", "until-end", "--send-bytes", "100"],
+                    SHORT,
+                )?;
+                ensure!(
+                    out.contains(&format!("received={reply_bytes} ended=reset")),
+                    "{how}, run {run}: the client should see the server's {reply_bytes} bytes, then its reset: {out}"
+                );
+                let before = watching.log().lines().count();
+                m.kit.run_client(
+                    &m.a,
+                    watching.addr(),
+                    &["--mode", "abort", "--send-bytes", "1000"],
+                    SHORT,
+                )?;
+                wait_for(
+                    "the server to see the client's connection end",
+                    SHORT,
+                    || {
+                        Ok(if watching.log().lines().count() > before {
+                            Ok(())
+                        } else {
+                            Err("no new line in its log".to_string())
+                        })
+                    },
+                )?;
+                let log = watching.log();
+                let end = log.lines().nth(before).unwrap_or_default();
+                ensure!(
+                    end == "ended after 1000 bytes: reset",
+                    "{how}, run {run}: the server should see the client's 1000 bytes, then its reset: {end:?} (log: {log:?})"
+                );
+            }
+            Ok(())
+        };
+        check("without agents", 1)?;
+
+        let agent1 = Agent::start(&m.n1, &m.node1().render())?;
+        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let runs = 5;
+        check("through the mesh", runs)?;
+        // Both kinds of connection were carried by the tunnel, mutual TLS with both
+        // identities, on one pooled connection that the resets did not break.
+        let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
+        let source = hop_labels("source", ("a", &id_a), ("b", &id_b), "mutual_tls");
+        agent1.wait_metric(TCP_OPENED, &source, METRIC_LAG, |v| v == 2.0 * runs as f64)?;
+        let conns = agent1.metric_sum(TUNNEL_OPENED, &[("direction", "outbound")])?;
+        ensure!(
+            conns == 1.0,
+            "{conns} outbound tunnel connections, expected 1: a reset stream must not cost the pooled connection"
+        );
+        drop(agent2);
+        Ok(())
+    })
+}
+
 /// Tasks a and c on one node: a's connection to c skips the tunnel, but c's policy still
 /// applies. While it allows only role z, a is reset and node 1 counts a denial as the
 /// destination; once the config file is rewritten to allow a (noticed by the file watch,

@@ -681,6 +681,13 @@ impl SpliceEnd for UpstreamIo {
             UpstreamIo::Tunnel(t) => t.io.poll_write_chunk(cx, chunk),
         }
     }
+
+    fn abort(&mut self) {
+        match self {
+            UpstreamIo::Tcp(s) => s.abort(),
+            UpstreamIo::Tunnel(t) => t.io.abort(),
+        }
+    }
 }
 
 /// How long idle upstream connections of a task's L7 pool are kept.

@@ -8,14 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::body::Bytes;
-use prometheus_client::metrics::counter::Counter;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::splice::{SpliceEnd, splice};
+use super::splice::splice_after;
 use super::{ConnectionSet, Mesh, accept_loop, http, l7};
 use crate::capture::Capture;
 use crate::certs::WorkloadSlot;
@@ -272,8 +270,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContex
         down.extend(d.sent());
     }
     let result = match upstream {
-        Upstream::Direct(s) => send_then_splice(&prefix, client, s, &up, &down).await,
-        Upstream::Tunnel(t) => send_then_splice(&prefix, client, t.io, &up, &down).await,
+        // What protocol detection read goes upstream first.
+        Upstream::Direct(s) => splice_after(prefix, client, s, &up, &down).await,
+        Upstream::Tunnel(t) => splice_after(prefix, client, t.io, &up, &down).await,
     };
     if let Err(e) = result {
         debug!(task = %ctx.task_id, %peer, %dst, error = %e, "connection ended with an error");
@@ -416,26 +415,6 @@ async fn http_or_opaque(
             }
         },
     }
-}
-
-/// Sends `prefix` (what protocol detection read) upstream, then splices.
-async fn send_then_splice<U>(
-    prefix: &[u8],
-    client: TcpStream,
-    mut upstream: U,
-    up: &[&Counter],
-    down: &[&Counter],
-) -> io::Result<()>
-where
-    U: SpliceEnd,
-{
-    if !prefix.is_empty() {
-        upstream.write_all(prefix).await?;
-        for c in up {
-            c.inc_by(prefix.len() as u64);
-        }
-    }
-    splice(client, upstream, up, down).await
 }
 
 /// The direct connect failed: a reset tells the application, as a refused connect would.

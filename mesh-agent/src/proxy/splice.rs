@@ -6,6 +6,13 @@
 //! given as they are ([`SpliceEnd`]). So between a socket and a tunnel stream no byte is copied
 //! in user space: only the kernel's copies and TLS remain.
 //!
+//! A connection that ends abnormally on one side ends abnormally on the other: when either
+//! side fails (a TCP reset, a reset tunnel stream, a lost tunnel connection) or the splice is
+//! dropped before both directions finished, both ends are aborted ([`SpliceEnd::abort`]): a
+//! socket is closed with a TCP reset, a tunnel stream is reset with `CONNECT_ERROR`, as RFC
+//! 9113 section 8.5 asks of a CONNECT proxy. So an application can tell a connection its peer
+//! reset, or the mesh lost, from one its peer finished; a clean FIN is passed on as a FIN.
+//!
 //! Buffers are held only while bytes are in flight: a read is attempted with a pooled buffer,
 //! and if nothing is there the buffer goes straight back. So an idle proxied connection holds
 //! no buffer at all (10,000 idle connections cost their sockets, not 10,000 × 2 buffers), and
@@ -104,34 +111,105 @@ pub trait SpliceEnd: AsyncRead + AsyncWrite + Unpin {
         chunk.advance(n);
         Poll::Ready(Ok(()))
     }
+
+    /// Ends the connection so that the far side sees it fail, not finish. Called on both ends
+    /// when the splice fails or is dropped unfinished; what was written before stays ahead of
+    /// the failure as far as the transport keeps it (a reset discards bytes not yet sent, as
+    /// TCP's does).
+    fn abort(&mut self);
 }
 
-impl SpliceEnd for TcpStream {}
+impl SpliceEnd for TcpStream {
+    /// Closing with `SO_LINGER` 0 sends a TCP reset instead of a FIN.
+    fn abort(&mut self) {
+        let _ = self.set_zero_linger();
+    }
+}
 
 /// Copies `a -> b` and `b -> a` until both directions have finished. When one side stops
 /// sending (EOF), the other side's write half is shut down and the opposite direction keeps
 /// flowing, so a client that half-closes still gets the whole response. A side that stops
 /// reading stalls the copy towards it (backpressure) instead of buffering without bound.
 /// Bytes read from `a` are added to every counter of `a_to_b` as they flow, likewise `b_to_a`
-/// (a connection may be reported under several label sets).
-pub async fn splice<A, B>(a: A, b: B, a_to_b: &[&Counter], b_to_a: &[&Counter]) -> io::Result<()>
+/// (a connection may be reported under several label sets). If either side fails, or the
+/// returned future is dropped before both directions finished, both ends are aborted.
+///
+/// (A plain function returning `splice_after`'s future, not an `async fn` awaiting it, so that
+/// a connection's task does not hold the arguments twice.)
+pub fn splice<A, B>(
+    a: A,
+    b: B,
+    a_to_b: &[&Counter],
+    b_to_a: &[&Counter],
+) -> impl Future<Output = io::Result<()>>
 where
     A: SpliceEnd,
     B: SpliceEnd,
 {
-    let (mut a, mut b) = (a, b);
+    splice_after(Bytes::new(), a, b, a_to_b, b_to_a)
+}
+
+/// [`splice`], with `first` sent to `b` ahead of what `a` sends (bytes already read from `a`,
+/// such as what protocol detection looked at); it is counted in `a_to_b` as it is read.
+pub async fn splice_after<A, B>(
+    first: Bytes,
+    a: A,
+    b: B,
+    a_to_b: &[&Counter],
+    b_to_a: &[&Counter],
+) -> io::Result<()>
+where
+    A: SpliceEnd,
+    B: SpliceEnd,
+{
+    let mut ends = Ends {
+        a,
+        b,
+        finished: false,
+    };
     let mut forward = Pump::new(a_to_b);
     let mut backward = Pump::new(b_to_a);
-    poll_fn(|cx| {
-        let f = forward.poll(cx, &mut a, &mut b)?;
-        let r = backward.poll(cx, &mut b, &mut a)?;
+    if !first.is_empty() {
+        forward.count(&first);
+        forward.hold(first);
+    }
+    let result = poll_fn(|cx| {
+        let f = forward.poll(cx, &mut ends.a, &mut ends.b)?;
+        let r = backward.poll(cx, &mut ends.b, &mut ends.a)?;
         if f.is_ready() && r.is_ready() {
             Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
     })
-    .await
+    .await;
+    match result {
+        Ok(()) => ends.finished = true,
+        // Let the tasks that send what this splice handed on (a tunnel connection's) run
+        // first: a tunnel stream's reset discards what is still queued for it, and bytes the
+        // failing side sent before it failed should arrive ahead of the failure. One round:
+        // on one worker thread (the default) the connection's task, woken when the bytes were
+        // handed to h2, runs before this one resumes; what it cannot write then (a full
+        // socket) is discarded, as a reset discards a socket's unsent bytes.
+        Err(_) => tokio::task::yield_now().await,
+    }
+    result
+}
+
+/// The two ends of a splice, aborted together unless the splice finished.
+struct Ends<A: SpliceEnd, B: SpliceEnd> {
+    a: A,
+    b: B,
+    finished: bool,
+}
+
+impl<A: SpliceEnd, B: SpliceEnd> Drop for Ends<A, B> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.a.abort();
+            self.b.abort();
+        }
+    }
 }
 
 /// One direction of a splice.
@@ -151,6 +229,12 @@ impl<'c> Pump<'c> {
             unflushed: false,
             done: false,
             counters,
+        }
+    }
+
+    fn count(&self, chunk: &Bytes) {
+        for c in self.counters {
+            c.inc_by(chunk.len() as u64);
         }
     }
 
@@ -192,9 +276,7 @@ impl<'c> Pump<'c> {
                         return Poll::Ready(Ok(()));
                     }
                     Poll::Ready(Some(chunk)) => {
-                        for c in self.counters {
-                            c.inc_by(chunk.len() as u64);
-                        }
+                        self.count(&chunk);
                         self.hold(chunk);
                     }
                 }
@@ -312,7 +394,73 @@ mod tests {
         assert_eq!(down.get(), 100_000);
     }
 
-    impl SpliceEnd for tokio::io::DuplexStream {}
+    /// A client, a spliced proxy and a server over loopback TCP.
+    async fn spliced_pair() -> (TcpStream, TcpStream) {
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = front.accept().await.unwrap();
+        let upstream = TcpStream::connect(back.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = back.accept().await.unwrap();
+        tokio::spawn(async move { splice(accepted, upstream, &[], &[]).await });
+        (client, server)
+    }
+
+    /// Reads to the end: what arrived, and whether it ended in a reset.
+    async fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, bool) {
+        let mut got = Vec::new();
+        match stream.read_to_end(&mut got).await {
+            Ok(_) => (got, false),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => (got, true),
+            Err(e) => panic!("read failed otherwise: {e}"),
+        }
+    }
+
+    /// A reset on either side is passed on as a reset, after the bytes sent before it; a
+    /// clean close is passed on as a clean close.
+    #[tokio::test]
+    async fn resets_are_passed_on_as_resets_and_fins_as_fins() {
+        // The server answers and resets.
+        let (mut client, mut server) = spliced_pair().await;
+        server.write_all(b"reply").await.unwrap();
+        server.set_zero_linger().unwrap();
+        drop(server);
+        assert_eq!(read_until_end(&mut client).await, (b"reply".to_vec(), true));
+
+        // The client sends and resets.
+        let (mut client, mut server) = spliced_pair().await;
+        client.write_all(b"request").await.unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client);
+        assert_eq!(
+            read_until_end(&mut server).await,
+            (b"request".to_vec(), true)
+        );
+
+        // Both finish cleanly.
+        let (mut client, mut server) = spliced_pair().await;
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        assert_eq!(
+            read_until_end(&mut server).await,
+            (b"request".to_vec(), false)
+        );
+        server.write_all(b"reply").await.unwrap();
+        drop(server);
+        assert_eq!(
+            read_until_end(&mut client).await,
+            (b"reply".to_vec(), false)
+        );
+    }
+
+    /// An in-memory pipe has no way to tell a failure from an end.
+    impl SpliceEnd for tokio::io::DuplexStream {
+        fn abort(&mut self) {}
+    }
 
     /// Idle splices hold no buffer; bytes still flow through all of them afterwards.
     #[tokio::test]

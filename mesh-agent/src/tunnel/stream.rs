@@ -87,12 +87,13 @@ impl SpliceEnd for TunnelIo {
                     }
                     Poll::Ready(Ok(Some(data)))
                 }
-                // A stream the peer cancelled ends like one it finished (as hyper's upgraded
-                // streams did): the application sees the end of the bytes, not an error.
-                Some(Err(e)) => match e.reason() {
-                    Some(Reason::NO_ERROR | Reason::CANCEL) => Poll::Ready(Ok(None)),
-                    _ => Poll::Ready(Err(to_io_error(e))),
-                },
+                // A reset before the peer's END_STREAM (CONNECT_ERROR, CANCEL, even NO_ERROR,
+                // or a lost connection) means the far connection failed, and must reach the
+                // application as a failure (RFC 9113 section 8.5), never as a clean end of
+                // the bytes. h2 reads a reset that follows END_STREAM (a server's NO_ERROR
+                // "stop sending, I am done") as the end it is, and hands out the frames that
+                // arrived before a reset first.
+                Some(Err(e)) => Poll::Ready(Err(to_io_error(e))),
             };
         }
     }
@@ -111,6 +112,13 @@ impl SpliceEnd for TunnelIo {
         let part = chunk.split_to(n);
         self.send.send_data(part, false).map_err(to_io_error)?;
         Poll::Ready(Ok(()))
+    }
+
+    /// Resets the stream with `CONNECT_ERROR`, RFC 9113's signal of a failed TCP connection
+    /// behind a CONNECT stream: the peer agent resets its own side's connection. Data still
+    /// queued in h2 for this stream is discarded, like a socket's unsent bytes on a reset.
+    fn abort(&mut self) {
+        self.send.send_reset(Reason::CONNECT_ERROR);
     }
 }
 
@@ -174,7 +182,8 @@ impl AsyncWrite for TunnelIo {
 fn reset_error(reason: Reason) -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionReset,
-        format!("the peer reset the tunnel stream ({reason})"),
+        // The reason's code name (CONNECT_ERROR, CANCEL), which the runbook's log lines show.
+        format!("the peer reset the tunnel stream ({reason:?}: {reason})"),
     )
 }
 
@@ -287,14 +296,19 @@ mod tests {
         writer.await.unwrap();
     }
 
-    /// A peer that drops its end mid-stream (its application's connection failed): reads here
-    /// end, and writes fail instead of queueing for nobody.
+    /// A peer that drops its end mid-stream (its task ended without finishing the stream):
+    /// reads here fail as a reset, not as an end, and writes fail instead of queueing for
+    /// nobody.
     #[tokio::test]
-    async fn a_dropped_peer_ends_reads_and_fails_writes() {
+    async fn a_dropped_peer_fails_reads_and_writes() {
         let (mut client, server) = stream_pair(65_535).await;
         drop(server);
         let mut got = Vec::new();
-        client.read_to_end(&mut got).await.unwrap();
+        let read = client.read_to_end(&mut got).await;
+        assert_eq!(
+            read.map_err(|e| e.kind()).unwrap_err(),
+            io::ErrorKind::ConnectionReset
+        );
         assert!(got.is_empty());
         let mut failed = false;
         for _ in 0..10 {
@@ -305,5 +319,56 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(failed, "writes to a reset stream kept succeeding");
+    }
+
+    /// An aborted end (its application's connection was reset) reaches the peer as a reset
+    /// with CONNECT_ERROR, after the bytes sent before it.
+    #[tokio::test]
+    async fn abort_reaches_the_peer_as_a_reset_after_the_data() {
+        let (mut client, mut server) = stream_pair(65_535).await;
+        client.write_all(b"partial").await.unwrap();
+        let mut got = [0u8; 7];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"partial");
+        client.abort();
+        let error = server.read(&mut [0u8; 16]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+        assert!(
+            error.to_string().contains("CONNECT_ERROR"),
+            "unexpected error: {error}"
+        );
+    }
+
+    /// A peer that resets with NO_ERROR before its END_STREAM gave up mid-stream (and h2
+    /// dropped what it still had queued): a failure, not an end.
+    #[tokio::test]
+    async fn no_error_reset_before_the_end_is_a_failure() {
+        let (mut client, mut server) = stream_pair(65_535).await;
+        server.write_all(b"partial").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        server.send.send_reset(Reason::NO_ERROR);
+        let mut got = Vec::new();
+        let error = client.read_to_end(&mut got).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(got, b"partial");
+    }
+
+    /// A peer that has sent its whole reply and then resets with NO_ERROR ("stop sending", as
+    /// an HTTP/2 server does with a request body it no longer needs) has finished, not
+    /// failed: the reply is read to a clean end.
+    #[tokio::test]
+    async fn no_error_reset_after_the_reply_is_an_end() {
+        let (mut client, mut server) = stream_pair(65_535).await;
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        // Once the reply and its END_STREAM are out (h2 drops what is still queued when a
+        // stream is reset), and the reset has reached the client before it reads.
+        let settle = std::time::Duration::from_millis(50);
+        tokio::time::sleep(settle).await;
+        server.send.send_reset(Reason::NO_ERROR);
+        tokio::time::sleep(settle).await;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"reply");
     }
 }

@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail, ensure};
 use sha2::{Digest, Sha256};
 
 use crate::args::Args;
+use crate::ends;
 use crate::pattern::{CLIENT_SEED, Pattern, SERVER_SEED};
 
 const CHUNK: usize = 64 * 1024;
@@ -34,6 +35,15 @@ enum Mode {
     },
     /// Waits for a server-speaks-first greeting (`--mode greet`), then one echo.
     Greeting,
+    /// Sends `send` pattern bytes, then resets the connection.
+    Abort {
+        send: u64,
+    },
+    /// Sends `send` pattern bytes, then reads the server's to their end: how many came, and
+    /// whether they ended in a FIN or a reset.
+    UntilEnd {
+        send: u64,
+    },
     Load(Load),
 }
 
@@ -92,6 +102,18 @@ impl Options {
                 },
             ),
             "greeting" => (&[], Mode::Greeting),
+            "abort" => (
+                &["send-bytes"],
+                Mode::Abort {
+                    send: args.required("send-bytes")?,
+                },
+            ),
+            "until-end" => (
+                &["send-bytes"],
+                Mode::UntilEnd {
+                    send: args.required("send-bytes")?,
+                },
+            ),
             "load" => (
                 &[
                     "stop-file",
@@ -157,6 +179,18 @@ pub fn run(opts: Options) -> Result<()> {
             let (stream, addrs) = connect(&opts)?;
             greeting(stream, started)? + " " + &addrs
         }
+        Mode::Abort { send } => {
+            let (mut stream, addrs) = connect(&opts)?;
+            write_pattern(&mut stream, send)?;
+            ends::reset(stream)?;
+            format!("sent={send} then reset {addrs}")
+        }
+        Mode::UntilEnd { send } => {
+            let (mut stream, addrs) = connect(&opts)?;
+            write_pattern(&mut stream, send)?;
+            let (got, end) = ends::read_until_end(&mut stream, Pattern::new(SERVER_SEED))?;
+            format!("sent={send} received={got} ended={} {addrs}", end.name())
+        }
         Mode::Load(ref load) => load_run(&opts, load)?,
     };
     println!("ok {summary} elapsed_ms={}", started.elapsed().as_millis());
@@ -181,7 +215,22 @@ fn connect(opts: &Options) -> Result<(TcpStream, String)> {
 }
 
 /// Sends `len` pattern bytes, then shuts the write side down.
-fn send_pattern(stream: &mut TcpStream, len: u64, mut digest: Option<&mut Sha256>) -> Result<()> {
+/// Sends `len` bytes of the client's pattern, then half-closes.
+fn send_pattern(stream: &mut TcpStream, len: u64, digest: Option<&mut Sha256>) -> Result<()> {
+    write_pattern_hashed(stream, len, digest)?;
+    stream.shutdown(Shutdown::Write).context("shutdown(write)")
+}
+
+/// Sends `len` bytes of the client's pattern and keeps the connection open.
+fn write_pattern(stream: &mut TcpStream, len: u64) -> Result<()> {
+    write_pattern_hashed(stream, len, None)
+}
+
+fn write_pattern_hashed(
+    stream: &mut TcpStream,
+    len: u64,
+    mut digest: Option<&mut Sha256>,
+) -> Result<()> {
     let mut pattern = Pattern::new(CLIENT_SEED);
     let mut buf = vec![0u8; CHUNK];
     let mut left = len;
@@ -195,7 +244,7 @@ fn send_pattern(stream: &mut TcpStream, len: u64, mut digest: Option<&mut Sha256
             .with_context(|| format!("write after {} of {len} bytes", len - left))?;
         left -= n as u64;
     }
-    stream.shutdown(Shutdown::Write).context("shutdown(write)")
+    Ok(())
 }
 
 /// Reads to EOF, checking the bytes against `pattern`; fails unless exactly `len` arrive.

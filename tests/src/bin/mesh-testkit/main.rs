@@ -4,8 +4,9 @@
 //! it only moves deterministic bytes and checks that they arrive intact.
 //!
 //! ```text
-//! mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose|flaky|slow [--reply-bytes N] [--fail-percent P] [--delay-ms D]
+//! mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose|abort|watch|flaky|slow [--reply-bytes N] [--fail-percent P] [--delay-ms D]
 //! mesh-testkit client --connect ADDR --mode halfclose --send-bytes N --expect-bytes M
+//! mesh-testkit client --connect ADDR --mode abort|until-end --send-bytes N
 //! mesh-testkit client --connect ADDR --mode echo --send-bytes N
 //! mesh-testkit client --connect ADDR --mode concurrent --connections C --send-bytes K
 //! mesh-testkit client --connect ADDR --mode hold --seconds S
@@ -30,6 +31,7 @@
 mod args;
 mod client;
 mod ecs_agent;
+mod ends;
 mod grpc;
 mod mint;
 mod pattern;

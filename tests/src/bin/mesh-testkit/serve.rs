@@ -5,7 +5,10 @@
 //! 2nd, 4th...; 100: all), and 200 `peer=...` to the others; a request for `/count` is not
 //! counted and is answered 200 with the number of other requests received so far. `slow`
 //! waits `--delay-ms` before answering like `http`, except requests whose path starts with
-//! `/fast`, answered at once. `greet` speaks first (a greeting line), then echoes.
+//! `/fast`, answered at once. `greet` speaks first (a greeting line), then echoes. `abort`
+//! waits for the client's first bytes, sends `--reply-bytes` pattern bytes and resets the
+//! connection; `watch` reads the client's pattern bytes to their end and reports on stderr
+//! how they ended: `ended after N bytes: eof|reset`.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -18,7 +21,8 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::args::Args;
-use crate::pattern::{Pattern, SERVER_SEED};
+use crate::ends;
+use crate::pattern::{CLIENT_SEED, Pattern, SERVER_SEED};
 
 #[derive(Clone, Copy)]
 enum Mode {
@@ -38,6 +42,10 @@ enum Mode {
     /// Server speaks first, as MySQL or SMTP: `220 <local ip:port> ready\r\n` at once, then
     /// echo.
     Greet,
+    /// After the client's first bytes, send `reply_bytes` pattern bytes and reset.
+    Abort { reply_bytes: u64 },
+    /// Read the client's pattern bytes to their end; report how they ended.
+    Watch,
 }
 
 pub struct Options {
@@ -59,6 +67,10 @@ impl Options {
             "halfclose" => Mode::HalfClose {
                 reply_bytes: reply_bytes.unwrap_or(0),
             },
+            "abort" => Mode::Abort {
+                reply_bytes: reply_bytes.unwrap_or(0),
+            },
+            "watch" => Mode::Watch,
             "flaky" => {
                 let fail_percent = fail_percent.ok_or("--mode flaky needs --fail-percent")?;
                 if fail_percent > 100 {
@@ -77,8 +89,8 @@ impl Options {
         if delay_ms.is_some() && !matches!(mode, Mode::Slow { .. }) {
             return Err("--delay-ms only applies to --mode slow".into());
         }
-        if reply_bytes.is_some() && !matches!(mode, Mode::HalfClose { .. }) {
-            return Err("--reply-bytes only applies to --mode halfclose".into());
+        if reply_bytes.is_some() && !matches!(mode, Mode::HalfClose { .. } | Mode::Abort { .. }) {
+            return Err("--reply-bytes only applies to --mode halfclose and abort".into());
         }
         Ok(Self {
             listen: args.required("listen")?,
@@ -132,7 +144,23 @@ fn handle(stream: TcpStream, mode: Mode, counter: &AtomicU64) -> Result<()> {
             echo(stream)
         }
         Mode::HalfClose { reply_bytes } => half_close(stream, reply_bytes),
+        Mode::Abort { reply_bytes } => abort(stream, reply_bytes),
+        Mode::Watch => {
+            let mut stream = stream;
+            let (got, end) = ends::read_until_end(&mut stream, Pattern::new(CLIENT_SEED))?;
+            eprintln!("ended after {got} bytes: {}", end.name());
+            Ok(())
+        }
     }
+}
+
+fn abort(mut stream: TcpStream, reply_bytes: u64) -> Result<()> {
+    let mut first = [0u8; 1024];
+    stream
+        .read(&mut first)
+        .context("read the client's first bytes")?;
+    write_pattern(&mut stream, reply_bytes)?;
+    ends::reset(stream)
 }
 
 /// Reads the request head (or whatever arrives before EOF).
@@ -233,14 +261,21 @@ fn half_close(mut stream: TcpStream, reply_bytes: u64) -> Result<()> {
         hasher.update(&buf[..n]);
     }
     stream.write_all(&hasher.finalize())?;
+    write_pattern(&mut stream, reply_bytes)?;
+    stream.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// Sends `len` bytes of the server's pattern.
+fn write_pattern(stream: &mut TcpStream, len: u64) -> Result<()> {
     let mut pattern = Pattern::new(SERVER_SEED);
-    let mut left = reply_bytes;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         pattern.fill(&mut buf[..n]);
         stream.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    stream.shutdown(Shutdown::Write)?;
     Ok(())
 }
