@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tracing::warn;
 
-use crate::metrics::{RequestLabels, TcpLabels};
+use crate::metrics::{ConnectionEnd, RequestLabels, TcpLabels};
 
 /// Lines waiting for the writer before new ones are dropped.
 const QUEUE: usize = 8192;
@@ -70,6 +70,8 @@ struct ConnectionLine<'a> {
     duration_ms: f64,
     received_bytes: u64,
     sent_bytes: u64,
+    /// `closed` (a FIN each way) or `reset` (one side failed; the agent reset both).
+    end: &'static str,
 }
 
 impl AccessLog {
@@ -105,7 +107,14 @@ impl AccessLog {
         });
     }
 
-    pub fn connection(&self, labels: &TcpLabels, duration: Duration, received: u64, sent: u64) {
+    pub fn connection(
+        &self,
+        labels: &TcpLabels,
+        duration: Duration,
+        received: u64,
+        sent: u64,
+        end: ConnectionEnd,
+    ) {
         self.send(&ConnectionLine {
             timestamp: now(),
             kind: "connection",
@@ -113,6 +122,7 @@ impl AccessLog {
             duration_ms: millis(duration),
             received_bytes: received,
             sent_bytes: sent,
+            end: end.name(),
         });
     }
 
@@ -182,7 +192,13 @@ mod tests {
         let path = dir.join("access.log");
         let dropped = Counter::default();
         let log = AccessLog::open(&path, dropped.clone()).unwrap();
-        log.connection(&tcp_labels(), Duration::from_micros(1500), 10, 20);
+        log.connection(
+            &tcp_labels(),
+            Duration::from_micros(1500),
+            10,
+            20,
+            ConnectionEnd::Reset,
+        );
         let labels = RequestLabels {
             reporter: "destination",
             source_workload: "a".into(),
@@ -228,6 +244,7 @@ mod tests {
         assert_eq!(lines[0]["source_principal"], "spiffe://td/a");
         assert_eq!(lines[0]["duration_ms"], 1.5);
         assert_eq!(lines[0]["sent_bytes"], 20);
+        assert_eq!(lines[0]["end"], "reset");
         assert_eq!(lines[1]["kind"], "request");
         assert_eq!(lines[1]["reporter"], "destination");
         assert_eq!(lines[1]["response_code"], "200");

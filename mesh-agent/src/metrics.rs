@@ -158,10 +158,39 @@ pub struct WorkloadCertLabels {
     pub anchor: String,
 }
 
+/// How a proxied connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// Both directions finished (a FIN each way).
+    Closed,
+    /// One side failed (a TCP reset, a reset tunnel stream, a lost tunnel connection) or the
+    /// agent cut the connection, so the agent reset both sides.
+    Reset,
+}
+
+impl ConnectionEnd {
+    /// `Reset` if carrying the connection failed.
+    pub fn of<T, E>(result: &Result<T, E>) -> ConnectionEnd {
+        match result {
+            Ok(_) => ConnectionEnd::Closed,
+            Err(_) => ConnectionEnd::Reset,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnectionEnd::Closed => "closed",
+            ConnectionEnd::Reset => "reset",
+        }
+    }
+}
+
 /// Counters of one proxied connection, from its reporter's point of view.
 pub struct TcpMetrics {
     pub opened: Counter,
     pub closed: Counter,
+    /// Of the closed, those that ended in a reset.
+    reset: Counter,
     /// Bytes from the source to the destination (Istio: received during the request).
     pub received_bytes: Counter,
     /// Bytes from the destination back to the source (Istio: sent during the response).
@@ -187,10 +216,14 @@ impl TcpMetrics {
         [&self.sent_bytes, &self.connection_sent]
     }
 
-    /// The connection has closed: counted, its lifetime observed, and logged.
-    pub fn finish(&self) {
+    /// The connection has closed: counted (as reset too if it was), its lifetime observed,
+    /// and logged.
+    pub fn finish(&self, end: ConnectionEnd) {
         let lifetime = self.started.elapsed();
         self.closed.inc();
+        if end == ConnectionEnd::Reset {
+            self.reset.inc();
+        }
         self.duration.observe(lifetime.as_secs_f64() * 1000.0);
         if let Some(log) = &self.access_log {
             log.connection(
@@ -198,6 +231,7 @@ impl TcpMetrics {
                 lifetime,
                 self.connection_received.get(),
                 self.connection_sent.get(),
+                end,
             );
         }
     }
@@ -266,6 +300,7 @@ pub struct Metrics {
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_duration: Family<TcpLabels, Histogram, fn() -> Histogram>,
     tcp_closed: Family<TcpLabels, Counter>,
+    tcp_reset: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     tcp_sent: Family<TcpLabels, Counter>,
     tunnel_connections_opened: Family<DirectionLabels, Counter>,
@@ -353,6 +388,7 @@ impl Metrics {
             tcp_opened: Family::default(),
             tcp_duration: Family::new_with_constructor(duration_histogram),
             tcp_closed: Family::default(),
+            tcp_reset: Family::default(),
             tcp_received: Family::default(),
             tcp_sent: Family::default(),
             tunnel_connections_opened: Family::default(),
@@ -461,6 +497,11 @@ impl Metrics {
             "istio_tcp_connections_closed",
             "TCP connections closed, same labels as istio_tcp_connections_opened",
             m.tcp_closed.clone(),
+        );
+        reg.register(
+            "mesh_tcp_connections_reset",
+            "TCP connections the agent reset on both sides because one side failed or the tunnel between them did (also counted as closed), same labels as istio_tcp_connections_opened",
+            m.tcp_reset.clone(),
         );
         reg.register(
             "istio_tcp_received_bytes",
@@ -660,6 +701,7 @@ impl Metrics {
         for l in &tcp {
             self.tcp_opened.remove(l);
             self.tcp_closed.remove(l);
+            self.tcp_reset.remove(l);
             self.tcp_received.remove(l);
             self.tcp_sent.remove(l);
             self.tcp_duration.remove(l);
@@ -687,6 +729,7 @@ impl Metrics {
             access_log: self.access_log.get().cloned(),
             opened: self.tcp_opened.get_or_create(labels).clone(),
             closed: self.tcp_closed.get_or_create(labels).clone(),
+            reset: self.tcp_reset.get_or_create(labels).clone(),
             received_bytes: self.tcp_received.get_or_create(labels).clone(),
             sent_bytes: self.tcp_sent.get_or_create(labels).clone(),
             duration: self.tcp_duration.get_or_create(labels).clone(),

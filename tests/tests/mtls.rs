@@ -38,6 +38,8 @@ const TRUST_LAG: Duration = Duration::from_secs(15);
 
 const TCP_OPENED: &str = "istio_tcp_connections_opened_total";
 const TCP_SENT: &str = "istio_tcp_sent_bytes_total";
+const TCP_CLOSED: &str = "istio_tcp_connections_closed_total";
+const TCP_RESET: &str = "mesh_tcp_connections_reset_total";
 const TUNNEL_OPENED: &str = "mesh_tunnel_connections_opened_total";
 const STREAMS_OPENED: &str = "mesh_tunnel_streams_opened_total";
 const HANDSHAKE_ERRORS: &str = "mesh_tunnel_handshake_errors_total";
@@ -629,6 +631,27 @@ fn a_reset_crosses_the_tunnel_as_a_reset() {
             m.kit
                 .serve(&m.b, addr(m.b.ip(), 8080), ServeMode::Abort { reply_bytes })?;
         let watching = m.kit.serve(&m.b, addr(m.b.ip(), 8081), ServeMode::Watch)?;
+        let finishing = m.kit.serve(
+            &m.b,
+            addr(m.b.ip(), 8082),
+            ServeMode::HalfClose { reply_bytes: 1000 },
+        )?;
+        let finish = || -> Result<()> {
+            m.kit.run_client(
+                &m.a,
+                finishing.addr(),
+                &[
+                    "--mode",
+                    "halfclose",
+                    "--send-bytes",
+                    "100",
+                    "--expect-bytes",
+                    "1000",
+                ],
+                SHORT,
+            )?;
+            Ok(())
+        };
         let check = |how: &str, runs: usize| -> Result<()> {
             for run in 0..runs {
                 let out = m.kit.run_client(
@@ -669,22 +692,34 @@ fn a_reset_crosses_the_tunnel_as_a_reset() {
             Ok(())
         };
         check("without agents", 1)?;
+        finish()?;
 
         let agent1 = Agent::start(&m.n1, &m.node1().render())?;
         let agent2 = Agent::start(&m.n2, &m.node2().render())?;
         let runs = 5;
         check("through the mesh", runs)?;
-        // Both kinds of connection were carried by the tunnel, mutual TLS with both
-        // identities, on one pooled connection that the resets did not break.
+        // A connection that both sides finish is closed, not reset.
+        finish()?;
+        // Every connection was carried by the tunnel, mutual TLS with both identities, on
+        // one pooled connection that the resets did not break; both agents count the
+        // resets, and only them, for the hop.
         let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
-        let source = hop_labels("source", ("a", &id_a), ("b", &id_b), "mutual_tls");
-        agent1.wait_metric(TCP_OPENED, &source, METRIC_LAG, |v| v == 2.0 * runs as f64)?;
+        let connections = 2.0 * runs as f64 + 1.0;
+        for (agent, reporter) in [(&agent1, "source"), (&agent2, "destination")] {
+            let hop = mtls_labels(reporter, &id_a, &id_b);
+            agent.wait_metric(TCP_CLOSED, &hop, METRIC_LAG, |v| v == connections)?;
+            let resets = agent.metric(TCP_RESET, &hop)?;
+            ensure!(
+                resets == 2.0 * runs as f64,
+                "{reporter}: {resets} connections counted as reset, expected {}",
+                2 * runs
+            );
+        }
         let conns = agent1.metric_sum(TUNNEL_OPENED, &[("direction", "outbound")])?;
         ensure!(
             conns == 1.0,
             "{conns} outbound tunnel connections, expected 1: a reset stream must not cost the pooled connection"
         );
-        drop(agent2);
         Ok(())
     })
 }

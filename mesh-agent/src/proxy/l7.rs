@@ -23,7 +23,7 @@ use super::splice::{Metered, SpliceEnd, splice};
 use crate::access_log::RequestEntry;
 use crate::certs::WorkloadSlot;
 use crate::destinations::Target as Destination;
-use crate::metrics::{ConnectErrorReason, RequestLabels, TcpLabels, UNKNOWN};
+use crate::metrics::{ConnectErrorReason, ConnectionEnd, RequestLabels, TcpLabels, UNKNOWN};
 use crate::policy::{Decision as PolicyDecision, role_of};
 use crate::routing::budget::RetryBudget;
 use crate::routing::model::Protocol;
@@ -211,8 +211,10 @@ async fn serve_http<S>(
     let served = http::serve(client, version, router, pool, budget, observer, &options).await;
     ctx.metrics.active.dec();
     ctx.metrics.closed.inc();
+    // An HTTP connection's failures are its requests' (`response_flags`); the connection
+    // itself ends as HTTP ends it.
     for t in std::iter::once(&tcp).chain(&peer_side) {
-        t.finish();
+        t.finish(ConnectionEnd::Closed);
     }
     if let Err(e) = served {
         debug!(task = %ctx.task_id, service = %hop.service, error = %e, "HTTP connection ended with an error");
@@ -285,12 +287,13 @@ async fn serve_tcp(
         [&m.sent_bytes, received, received_here],
         [&m.received_bytes, sent, sent_here],
     );
-    if let Err(e) = splice(client, upstream, &up, &down).await {
+    let result = splice(client, upstream, &up, &down).await;
+    if let Err(e) = &result {
         debug!(task = %ctx.task_id, virtual_service = %vs, error = %e, "connection ended with an error");
     }
     ctx.metrics.active.dec();
     ctx.metrics.closed.inc();
-    tcp.finish();
+    tcp.finish(ConnectionEnd::of(&result));
 }
 
 /// An endpoint of `node` for `port`: a DNS service's endpoint (healthy ones first), a static

@@ -18,7 +18,7 @@ use super::{ConnectionSet, Mesh, accept_loop, http, l7};
 use crate::capture::Capture;
 use crate::certs::WorkloadSlot;
 use crate::destinations::{RemoteWorkload, Target};
-use crate::metrics::{ConnectErrorReason, TaskMetrics, TcpLabels, UNKNOWN};
+use crate::metrics::{ConnectErrorReason, ConnectionEnd, TaskMetrics, TcpLabels, UNKNOWN};
 use crate::netns::NetnsWorker;
 use crate::policy::{Decision, role_of};
 use crate::routing::model::Protocol;
@@ -274,14 +274,15 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContex
         Upstream::Direct(s) => splice_after(prefix, client, s, &up, &down).await,
         Upstream::Tunnel(t) => splice_after(prefix, client, t.io, &up, &down).await,
     };
+    let end = ConnectionEnd::of(&result);
     if let Err(e) = result {
         debug!(task = %ctx.task_id, %peer, %dst, error = %e, "connection ended with an error");
     }
     m.active.dec();
     m.closed.inc();
-    tcp.finish();
+    tcp.finish(end);
     if let Some(d) = &peer_side {
-        d.finish();
+        d.finish(end);
     }
 }
 

@@ -28,7 +28,7 @@ use super::{StreamMeta, tls};
 use crate::certs::{Certs, WorkloadSlot};
 use crate::identity::SpiffeId;
 use crate::identity::authority::PeerRole;
-use crate::metrics::{TcpLabels, UNKNOWN};
+use crate::metrics::{ConnectionEnd, TcpLabels, UNKNOWN};
 use crate::netns::NetnsWorker;
 use crate::policy::{Decision, role_of};
 use crate::proxy::{ConnectionSet, InboundHttp, Mesh, accept_loop, serve_inbound_http, splice};
@@ -412,10 +412,15 @@ async fn carry(answer: Answer) {
         }
         None => splice(tunnel, upstream, &up, &down).await,
     };
+    // An HTTP stream's failures are its requests' (`response_flags`), as on the source side.
+    let end = match meta.protocol {
+        Some(_) => ConnectionEnd::Closed,
+        None => ConnectionEnd::of(&result),
+    };
     if let Err(e) = result {
         debug!(task = %delivery.task_id, %target, error = %e, "tunnel stream ended with an error");
     }
-    tcp.finish();
+    tcp.finish(end);
 }
 
 /// Checks a stream's target against the listener's scope: the tunnel reaches meshed tasks
