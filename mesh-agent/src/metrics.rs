@@ -163,8 +163,8 @@ pub struct WorkloadCertLabels {
 pub enum ConnectionEnd {
     /// Both directions finished (a FIN each way).
     Closed,
-    /// One side failed (a TCP reset, a reset tunnel stream, a lost tunnel connection) or the
-    /// agent cut the connection, so the agent reset both sides.
+    /// One side failed (a TCP reset, a reset tunnel stream, a lost tunnel connection), so the
+    /// agent reset both sides.
     Reset,
 }
 

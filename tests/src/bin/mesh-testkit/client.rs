@@ -214,8 +214,7 @@ fn connect(opts: &Options) -> Result<(TcpStream, String)> {
     Ok((stream, addrs))
 }
 
-/// Sends `len` pattern bytes, then shuts the write side down.
-/// Sends `len` bytes of the client's pattern, then half-closes.
+/// Sends `len` bytes of the client's pattern, then shuts the write side down.
 fn send_pattern(stream: &mut TcpStream, len: u64, digest: Option<&mut Sha256>) -> Result<()> {
     write_pattern_hashed(stream, len, digest)?;
     stream.shutdown(Shutdown::Write).context("shutdown(write)")
