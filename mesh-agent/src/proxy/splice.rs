@@ -12,6 +12,8 @@
 //! socket is closed with a TCP reset, a tunnel stream is reset with `CONNECT_ERROR`, as RFC
 //! 9113 section 8.5 asks of a CONNECT proxy. So an application can tell a connection its peer
 //! reset, or the mesh lost, from one its peer finished; a clean FIN is passed on as a FIN.
+//! Bytes a side sent before it failed are passed on ahead of the failure, as far as the
+//! agent still holds them or can read them ([`wind_down`]).
 //!
 //! Buffers are held only while bytes are in flight: a read is attempted with a pooled buffer,
 //! and if nothing is there the buffer goes straight back. So an idle proxied connection holds
@@ -174,8 +176,12 @@ where
         forward.hold(first);
     }
     let result = poll_fn(|cx| {
-        let f = forward.poll(cx, &mut ends.a, &mut ends.b)?;
-        let r = backward.poll(cx, &mut ends.b, &mut ends.a)?;
+        let f = forward
+            .poll(cx, &mut ends.a, &mut ends.b)
+            .map_err(|f| (Direction::Forward, f))?;
+        let r = backward
+            .poll(cx, &mut ends.b, &mut ends.a)
+            .map_err(|f| (Direction::Backward, f))?;
         if f.is_ready() && r.is_ready() {
             Poll::Ready(Ok(()))
         } else {
@@ -183,17 +189,72 @@ where
         }
     })
     .await;
-    match result {
-        Ok(()) => ends.finished = true,
-        // Let the tasks that send what this splice handed on (a tunnel connection's) run
-        // first: a tunnel stream's reset discards what is still queued for it, and bytes the
-        // failing side sent before it failed should arrive ahead of the failure. One round:
-        // on one worker thread (the default) the connection's task, woken when the bytes were
-        // handed to h2, runs before this one resumes; what it cannot write then (a full
-        // socket) is discarded, as a reset discards a socket's unsent bytes.
-        Err(_) => tokio::task::yield_now().await,
+    let (direction, failure) = match result {
+        Ok(()) => {
+            ends.finished = true;
+            return Ok(());
+        }
+        Err(failed) => failed,
+    };
+    // Boxed: only a failed splice needs this state, and every connection's task is as large
+    // as the largest state of its splice.
+    Box::pin(wind_down(
+        direction,
+        failure,
+        &mut ends,
+        &mut forward,
+        &mut backward,
+    ))
+    .await
+}
+
+/// After a failure: passes on what the failed end still hands out, if that is still
+/// possible, and lets what was handed to a tunnel stream go out; then the caller aborts both
+/// ends.
+async fn wind_down<A, B>(
+    direction: Direction,
+    failure: Failure,
+    ends: &mut Ends<A, B>,
+    forward: &mut Pump<'_>,
+    backward: &mut Pump<'_>,
+) -> io::Result<()>
+where
+    A: SpliceEnd,
+    B: SpliceEnd,
+{
+    if let Failure::Writing(_) = failure {
+        // Writing to an end failed (it was reset): what that end sent before it failed, an
+        // early answer to an upload say, still goes the other way first, as TCP hands it to
+        // the reader before the reset. Its reads return those bytes, then the error (they may
+        // wait for the runtime to learn that the socket is readable); bounded, in case its
+        // read side stays open.
+        forward.source_failed = direction == Direction::Backward;
+        backward.source_failed = direction == Direction::Forward;
+        let drain = poll_fn(|cx| match direction {
+            Direction::Forward => backward.poll(cx, &mut ends.b, &mut ends.a),
+            Direction::Backward => forward.poll(cx, &mut ends.a, &mut ends.b),
+        });
+        let _ = tokio::time::timeout(DRAIN_AFTER_FAILURE, drain).await;
     }
-    result
+    // Let the tasks that send what this splice handed on (a tunnel connection's) run first: a
+    // tunnel stream's reset discards what is still queued for it, and bytes the failing side
+    // sent before it failed should arrive ahead of the failure. One round: on one worker
+    // thread (the default) the connection's task, woken when the bytes were handed to h2,
+    // runs before this one resumes; what it cannot write then (a full socket) is discarded,
+    // as a reset discards a socket's unsent bytes.
+    tokio::task::yield_now().await;
+    Err(failure.into_error())
+}
+
+/// How long a failed splice may go on passing the failed end's last bytes the other way.
+const DRAIN_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_millis(250);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// `a` to `b`.
+    Forward,
+    /// `b` to `a`.
+    Backward,
 }
 
 /// The two ends of a splice, aborted together unless the splice finished.
@@ -219,6 +280,9 @@ struct Pump<'c> {
     /// Written since the last flush.
     unflushed: bool,
     done: bool,
+    /// The end this direction reads from has failed: what it still hands out is passed on,
+    /// its end is not.
+    source_failed: bool,
     counters: &'c [&'c Counter],
 }
 
@@ -228,6 +292,7 @@ impl<'c> Pump<'c> {
             pending: None,
             unflushed: false,
             done: false,
+            source_failed: false,
             counters,
         }
     }
@@ -251,7 +316,12 @@ impl<'c> Pump<'c> {
         }
     }
 
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, from: &mut R, to: &mut W) -> Poll<io::Result<()>>
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &mut R,
+        to: &mut W,
+    ) -> Poll<Result<(), Failure>>
     where
         R: SpliceEnd,
         W: SpliceEnd,
@@ -261,17 +331,21 @@ impl<'c> Pump<'c> {
         }
         loop {
             if self.pending.is_none() {
-                match from.poll_read_chunk(cx)? {
+                match from.poll_read_chunk(cx).map_err(Failure::Reading)? {
                     Poll::Pending => {
                         if self.unflushed {
-                            ready!(Pin::new(&mut *to).poll_flush(cx))?;
+                            ready!(Pin::new(&mut *to).poll_flush(cx)).map_err(Failure::Writing)?;
                             self.unflushed = false;
                         }
                         return Poll::Pending;
                     }
                     Poll::Ready(None) => {
-                        // EOF: pass the half-close on.
-                        ready!(Pin::new(&mut *to).poll_shutdown(cx))?;
+                        // EOF: pass the half-close on, unless the end failed: then the
+                        // other side is to see the failure, not a clean end.
+                        if !self.source_failed {
+                            ready!(Pin::new(&mut *to).poll_shutdown(cx))
+                                .map_err(Failure::Writing)?;
+                        }
                         self.done = true;
                         return Poll::Ready(Ok(()));
                     }
@@ -283,11 +357,26 @@ impl<'c> Pump<'c> {
             }
             if let Some(chunk) = &mut self.pending {
                 while !chunk.is_empty() {
-                    ready!(to.poll_write_chunk(cx, chunk))?;
+                    ready!(to.poll_write_chunk(cx, chunk)).map_err(Failure::Writing)?;
                     self.unflushed = true;
                 }
             }
             self.release();
+        }
+    }
+}
+
+/// Why one direction of a splice stopped: the end it reads from failed, or the end it
+/// writes to.
+enum Failure {
+    Reading(io::Error),
+    Writing(io::Error),
+}
+
+impl Failure {
+    fn into_error(self) -> io::Error {
+        match self {
+            Failure::Reading(e) | Failure::Writing(e) => e,
         }
     }
 }
@@ -411,7 +500,7 @@ mod tests {
     }
 
     /// Reads to the end: what arrived, and whether it ended in a reset.
-    async fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, bool) {
+    async fn read_until_end(stream: &mut (impl AsyncRead + Unpin)) -> (Vec<u8>, bool) {
         let mut got = Vec::new();
         match stream.read_to_end(&mut got).await {
             Ok(_) => (got, false),
@@ -455,6 +544,31 @@ mod tests {
             read_until_end(&mut client).await,
             (b"reply".to_vec(), false)
         );
+    }
+
+    /// A server that answers an upload early and resets while the client is still sending
+    /// (as one that closes with unread data does): the client gets the answer, then the
+    /// reset, as it would without the proxy.
+    #[tokio::test]
+    async fn an_early_answer_before_a_reset_is_passed_on() {
+        for _ in 0..20 {
+            let (client, mut server) = spliced_pair().await;
+            let (mut client_read, mut client_write) = client.into_split();
+            let uploader = tokio::spawn(async move {
+                let chunk = vec![0u8; 64 * 1024];
+                while client_write.write_all(&chunk).await.is_ok() {}
+            });
+            let mut first = [0u8; 1];
+            server.read_exact(&mut first).await.unwrap();
+            server.write_all(b"413 too large").await.unwrap();
+            server.set_zero_linger().unwrap();
+            drop(server);
+            assert_eq!(
+                read_until_end(&mut client_read).await,
+                (b"413 too large".to_vec(), true)
+            );
+            uploader.await.unwrap();
+        }
     }
 
     /// An in-memory pipe has no way to tell a failure from an end.

@@ -44,6 +44,10 @@ enum Mode {
     UntilEnd {
         send: u64,
     },
+    /// Like `UntilEnd`, but keeps sending (without end) while it reads, as an upload that the
+    /// server answers early: sending stops when the connection fails. (If the connection is
+    /// reset, the write may be the call that reports it, and the read then ends as `eof`.)
+    Upload,
     Load(Load),
 }
 
@@ -114,6 +118,7 @@ impl Options {
                     send: args.required("send-bytes")?,
                 },
             ),
+            "upload" => (&[], Mode::Upload),
             "load" => (
                 &[
                     "stop-file",
@@ -190,6 +195,27 @@ pub fn run(opts: Options) -> Result<()> {
             write_pattern(&mut stream, send)?;
             let (got, end) = ends::read_until_end(&mut stream, Pattern::new(SERVER_SEED))?;
             format!("sent={send} received={got} ended={} {addrs}", end.name())
+        }
+        Mode::Upload => {
+            let (mut stream, addrs) = connect(&opts)?;
+            let mut writer = stream.try_clone()?;
+            let uploader = thread::spawn(move || {
+                let mut pattern = Pattern::new(CLIENT_SEED);
+                let mut buf = vec![0u8; CHUNK];
+                let mut sent = 0u64;
+                loop {
+                    pattern.fill(&mut buf);
+                    if write_all(&mut writer, &buf).is_err() {
+                        return sent;
+                    }
+                    sent += buf.len() as u64;
+                }
+            });
+            let (got, end) = ends::read_until_end(&mut stream, Pattern::new(SERVER_SEED))?;
+            // A write blocked on a full window fails once the connection does.
+            let _ = stream.shutdown(Shutdown::Both);
+            let sent = uploader.join().unwrap_or(0);
+            format!("sent={sent} received={got} ended={} {addrs}", end.name())
         }
         Mode::Load(ref load) => load_run(&opts, load)?,
     };

@@ -7,6 +7,7 @@
 //! mesh-testkit serve  --listen ADDR --mode http|httpecho|echo|halfclose|abort|watch|flaky|slow [--reply-bytes N] [--fail-percent P] [--delay-ms D]
 //! mesh-testkit client --connect ADDR --mode halfclose --send-bytes N --expect-bytes M
 //! mesh-testkit client --connect ADDR --mode abort|until-end --send-bytes N
+//! mesh-testkit client --connect ADDR --mode upload
 //! mesh-testkit client --connect ADDR --mode echo --send-bytes N
 //! mesh-testkit client --connect ADDR --mode concurrent --connections C --send-bytes K
 //! mesh-testkit client --connect ADDR --mode hold --seconds S
