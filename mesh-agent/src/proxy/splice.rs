@@ -225,16 +225,11 @@ where
     if let Failure::Writing(_) = failure {
         // Writing to an end failed (it was reset): what that end sent before it failed, an
         // early answer to an upload say, still goes the other way first, as TCP hands it to
-        // the reader before the reset. Its reads return those bytes, then the error (they may
-        // wait for the runtime to learn that the socket is readable); bounded, in case its
-        // read side stays open.
-        forward.source_failed = direction == Direction::Backward;
-        backward.source_failed = direction == Direction::Forward;
-        let drain = poll_fn(|cx| match direction {
-            Direction::Forward => backward.poll(cx, &mut ends.b, &mut ends.a),
-            Direction::Backward => forward.poll(cx, &mut ends.a, &mut ends.b),
-        });
-        let _ = tokio::time::timeout(DRAIN_AFTER_FAILURE, drain).await;
+        // the reader before the reset.
+        match direction {
+            Direction::Forward => drain_failed(backward, &mut ends.b, &mut ends.a).await,
+            Direction::Backward => drain_failed(forward, &mut ends.a, &mut ends.b).await,
+        }
     }
     // Let the tasks that send what this splice handed on (a tunnel connection's) run first: a
     // tunnel stream's reset discards what is still queued for it, and bytes the failing side
@@ -246,10 +241,24 @@ where
     Err(failure.into_error())
 }
 
+/// Passes on, through `pump`, what the `failed` end still hands out: its reads return the
+/// bytes it sent before it failed, then the error (they may wait for the runtime to learn
+/// that the socket is readable). Its end is not passed on as a FIN. Bounded, in case its read
+/// side stays open.
+async fn drain_failed<R, W>(pump: &mut Pump<'_>, failed: &mut R, to: &mut W)
+where
+    R: SpliceEnd,
+    W: SpliceEnd,
+{
+    pump.source_failed = true;
+    let drain = poll_fn(|cx| pump.poll(cx, failed, to));
+    let _ = tokio::time::timeout(DRAIN_AFTER_FAILURE, drain).await;
+}
+
 /// How long a failed splice may go on passing the failed end's last bytes the other way.
 const DRAIN_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_millis(250);
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Direction {
     /// `a` to `b`.
     Forward,

@@ -269,7 +269,7 @@ async fn answer_stream(
     local: Option<SocketAddr>,
     presented: Arc<Option<String>>,
     request: Request<RecvStream>,
-    respond: SendResponse<Bytes>,
+    mut respond: SendResponse<Bytes>,
 ) -> Option<Answered> {
     let mesh = &ctx.mesh;
     mesh.metrics.tunnel_stream_opened("inbound");
@@ -348,7 +348,6 @@ async fn answer_stream(
         destination_principal: delivery.slot.id().to_string(),
         connection_security_policy: "mutual_tls",
     };
-    let mut respond = respond;
     match respond.send_response(status(StatusCode::OK), false) {
         Ok(send) => Some(Answered {
             tunnel: TunnelIo::new(send, request.into_body()),
