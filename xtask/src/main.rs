@@ -48,8 +48,9 @@ enum Task {
     /// Record which functions of the agent run (the quick benchmark under callgrind) and
     /// write mesh-agent/layout.ld, which release builds use to place them first. Needs root.
     Layout,
-    /// Build release binaries, then benchmark direct vs mesh vs a stunnel pair side by side
-    /// (results in target/bench/; see docs/benchmarks.md). Needs root.
+    /// Build release binaries, then benchmark direct vs mesh vs a stunnel pair side by side,
+    /// with a pair of plain relays as the floor (results in target/bench/; see
+    /// docs/benchmarks.md). Needs root.
     Bench {
         /// Shorter runs, fewer rounds, smaller bulk transfer and idle-connection counts.
         #[arg(long)]

@@ -1,9 +1,10 @@
 //! `cargo xtask bench [--quick]`: the side-by-side benchmark of issue #6.
 //!
 //! Builds release binaries (the agent and the `mesh-bench` load generator), sets up two
-//! simulated nodes with three client/server task pairs (direct, through the mesh, through a
-//! stunnel pair), measures every figure with the three setups interleaved, and writes
-//! target/bench/results.md and results.json. docs/benchmarks.md explains each figure.
+//! simulated nodes with four client/server task pairs (direct, through the mesh, through a
+//! stunnel pair, through a pair of plain relays: the floor), measures every figure with the
+//! setups interleaved, and writes target/bench/results.md and results.json.
+//! docs/benchmarks.md explains each figure.
 //!
 //! Everything it makes (namespaces, cgroups, processes, files) is removed on the way out,
 //! also on failure and on Ctrl-C: SIGINT, SIGTERM and SIGHUP only raise a flag that the

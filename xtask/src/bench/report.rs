@@ -38,6 +38,13 @@ pub const PERCENTILES: [(f64, &str); 4] = [
     (0.999, "p99.9"),
 ];
 
+/// What the relay columns are, under the latency table.
+const RELAY_NOTE: &str = "The relay column is two plain TCP relays (`mesh-bench relay`) in the places of the two stunnels: \
+no TLS, no framing, a blocking thread per direction, one read and one write per hop. They hand each request and \
+response from process to process as any pair of proxies must and do nothing else, so what they add to direct is \
+the floor under every proxy pair's added latency on this machine (the thread wake-ups), and what the mesh adds \
+beyond them is the cost of its own work (TLS, HTTP/2, the event loop).";
+
 /// Send lag beyond which requests are taken to have waited for a free connection of the
 /// generator's pool rather than for the generator's own wake-up.
 const QUEUED_LAG_US: f64 = 1000.0;
@@ -473,9 +480,9 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "| connections | rate/s | | direct | mesh | stunnel | mesh − direct | stunnel − direct | mesh / direct | stunnel / direct | mesh / stunnel |"
+            "| connections | rate/s | | direct | mesh | stunnel | relay | mesh − direct | stunnel − direct | relay − direct | mesh / direct | stunnel / direct | mesh / stunnel |"
         );
-        let _ = writeln!(md, "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+        let _ = writeln!(md, "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
         let mut keys: Vec<(Conn, u32)> = self.latency.keys().map(|(c, r, _)| (*c, *r)).collect();
         keys.dedup();
         for (conn, rate) in keys {
@@ -483,16 +490,19 @@ impl Results {
             for (q, label) in PERCENTILES {
                 let v = |s: Setup| cell(s).and_then(|c| c.percentile_us(q));
                 let (d, mesh, st) = (v(Setup::Direct), v(Setup::Mesh), v(Setup::Stunnel));
+                let relay = v(Setup::Relay);
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     conn.name(),
                     thousands(rate as f64),
                     us(d),
                     us(mesh),
                     us(st),
+                    us(relay),
                     delta(mesh, d),
                     delta(st, d),
+                    delta(relay, d),
                     ratio(mesh, d),
                     ratio(st, d),
                     ratio(mesh, st),
@@ -512,6 +522,7 @@ impl Results {
             "\nThe generator's own wake-up lateness (actual minus intended send time in the direct runs, worst round): \
              p50 {lag50:.0} µs, p99 {lag99:.0} µs. It is part of every column, direct included, so it cancels in the differences."
         );
+        let _ = writeln!(md, "\n{RELAY_NOTE}");
         let list = |pick: fn(&LatencyCell) -> bool| -> Vec<String> {
             self.latency
                 .iter()
@@ -554,9 +565,9 @@ impl Results {
         let _ = writeln!(md, "## Throughput (median of the rounds)\n");
         let _ = writeln!(
             md,
-            "| figure | direct | mesh | stunnel | mesh / direct | stunnel / direct | mesh / stunnel |"
+            "| figure | direct | mesh | stunnel | relay | mesh / direct | stunnel / direct | relay / direct | mesh / stunnel |"
         );
-        let _ = writeln!(md, "|---|--:|--:|--:|--:|--:|--:|");
+        let _ = writeln!(md, "|---|--:|--:|--:|--:|--:|--:|--:|--:|");
         let plan = &self.plan;
         let rows: [Row; 3] = [
             (
@@ -587,14 +598,17 @@ impl Results {
         for (label, map, fmt) in rows {
             let v = |s: Setup| map.get(&s).and_then(Measure::median);
             let (d, mesh, st) = (v(Setup::Direct), v(Setup::Mesh), v(Setup::Stunnel));
+            let relay = v(Setup::Relay);
             let _ = writeln!(
                 md,
-                "| {label} | {} | {} | {} | {} | {} | {} |",
+                "| {label} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 fmt(d),
                 fmt(mesh),
                 fmt(st),
+                fmt(relay),
                 ratio(mesh, d),
                 ratio(st, d),
+                ratio(relay, d),
                 ratio(mesh, st)
             );
         }
@@ -604,17 +618,25 @@ impl Results {
     fn cost_table(&self, md: &mut String) {
         let _ = writeln!(
             md,
-            "## Proxy cost (both proxies of a pair together: two agents, or two stunnels)\n"
+            "## Proxy cost (both proxies of a pair together: two agents, two stunnels or two relays)\n"
         );
-        let _ = writeln!(md, "| figure | mesh | stunnel | mesh / stunnel |");
-        let _ = writeln!(md, "|---|--:|--:|--:|");
+        let _ = writeln!(md, "| figure | mesh | stunnel | relay | mesh / stunnel |");
+        let _ = writeln!(md, "|---|--:|--:|--:|--:|");
+        // `v` gives the figure of a setup; the relay's is "–" where it was not measured.
         let row = |md: &mut String,
                    label: &str,
-                   m: Option<f64>,
-                   s: Option<f64>,
+                   v: &dyn Fn(Setup) -> Option<f64>,
                    fmt: &dyn Fn(f64) -> String| {
             let f = |v: Option<f64>| v.map(fmt).unwrap_or_else(|| "–".into());
-            let _ = writeln!(md, "| {label} | {} | {} | {} |", f(m), f(s), ratio(m, s));
+            let (m, s) = (v(Setup::Mesh), v(Setup::Stunnel));
+            let _ = writeln!(
+                md,
+                "| {label} | {} | {} | {} | {} |",
+                f(m),
+                f(s),
+                f(v(Setup::Relay)),
+                ratio(m, s)
+            );
         };
         let cpu = |v: f64| format!("{v:.4}");
         let mut keys: Vec<(Conn, u32)> = self.latency.keys().map(|(c, r, _)| (*c, *r)).collect();
@@ -630,22 +652,20 @@ impl Results {
                 conn.name(),
                 thousands(rate as f64)
             );
-            row(md, &label, get(Setup::Mesh), get(Setup::Stunnel), &cpu);
+            row(md, &label, &get, &cpu);
         }
         let get =
             |map: &BTreeMap<Setup, Measure>, s: Setup| map.get(&s).and_then(Measure::cpu_per_1000);
         row(
             md,
             "CPU-seconds per 1,000 requests, max throughput",
-            get(&self.max_rps, Setup::Mesh),
-            get(&self.max_rps, Setup::Stunnel),
+            &|s| get(&self.max_rps, s),
             &cpu,
         );
         row(
             md,
             "CPU-seconds per 1,000 new connections",
-            get(&self.connect, Setup::Mesh),
-            get(&self.connect, Setup::Stunnel),
+            &|s| get(&self.connect, s),
             &cpu,
         );
         let mib = |v: f64| format!("{:.1}", v / 1024.0);
@@ -654,13 +674,7 @@ impl Results {
                 .get(&s)
                 .map(|v| v.iter().sum::<u64>() as f64)
         };
-        row(
-            md,
-            "RSS idle, MiB",
-            idle(Setup::Mesh),
-            idle(Setup::Stunnel),
-            &mib,
-        );
+        row(md, "RSS idle, MiB", &idle, &mib);
         let each = |s: Setup| {
             self.rss_idle_kib
                 .get(&s)
@@ -674,7 +688,7 @@ impl Results {
         };
         let _ = writeln!(
             md,
-            "| RSS idle per process, MiB | {} | {} | |",
+            "| RSS idle per process, MiB | {} | {} | – | |",
             each(Setup::Mesh),
             each(Setup::Stunnel)
         );
@@ -698,7 +712,7 @@ impl Results {
         };
         let _ = writeln!(
             md,
-            "| RSS idle per process: anonymous + file-backed, MiB | {} | {} | |",
+            "| RSS idle per process: anonymous + file-backed, MiB | {} | {} | – | |",
             split(Setup::Mesh),
             split(Setup::Stunnel)
         );
@@ -706,15 +720,13 @@ impl Results {
         row(
             md,
             "RSS at 1,000 rps keep-alive (peak), MiB",
-            peak(&self.rss_1000_kib, Setup::Mesh),
-            peak(&self.rss_1000_kib, Setup::Stunnel),
+            &|s| peak(&self.rss_1000_kib, s),
             &mib,
         );
         row(
             md,
             "RSS at max throughput (peak), MiB",
-            peak(&self.rss_peak_kib, Setup::Mesh),
-            peak(&self.rss_peak_kib, Setup::Stunnel),
+            &|s| peak(&self.rss_peak_kib, s),
             &mib,
         );
         let idle_each = |s: Setup| {
@@ -735,7 +747,7 @@ impl Results {
         };
         let _ = writeln!(
             md,
-            "| idle connections, RSS per process before → with them open, MiB | {} | {} | |",
+            "| idle connections, RSS per process before → with them open, MiB | {} | {} | – | |",
             idle_each(Setup::Mesh),
             idle_each(Setup::Stunnel)
         );
@@ -743,8 +755,7 @@ impl Results {
         row(
             md,
             "bytes per idle connection (RSS delta / connections)",
-            per_conn(Setup::Mesh),
-            per_conn(Setup::Stunnel),
+            &per_conn,
             &|v| thousands(v),
         );
         md.push('\n');
@@ -753,13 +764,15 @@ impl Results {
     /// Issue #6's targets, checked against this run.
     fn targets_table(&self, md: &mut String) {
         let _ = writeln!(md, "## Issue #6 targets\n");
-        let _ = writeln!(md, "| target | this run | met |");
-        let _ = writeln!(md, "|---|--:|---|");
+        let _ = writeln!(md, "| target | this run | relay pair (floor) | met |");
+        let _ = writeln!(md, "|---|--:|--:|---|");
         let cell = |s: Setup| self.latency.get(&(Conn::KeepAlive, 1000, s));
         let p = |s: Setup, q: f64| cell(s).and_then(|c| c.percentile_us(q));
+        // `floor`: the relay pair's figure for the same target, where it was measured.
         let check = |md: &mut String,
                      target: &str,
                      value: Option<f64>,
+                     floor: Option<f64>,
                      unit: &str,
                      limit: f64,
                      at_least: bool| {
@@ -780,24 +793,30 @@ impl Results {
                 }
                 None => ("–".into(), "not measured".into()),
             };
-            let _ = writeln!(md, "| {target} | {shown} | {met} |");
+            let floor = floor.map_or_else(|| "–".into(), |f| fmt_num(f, unit));
+            let _ = writeln!(md, "| {target} | {shown} | {floor} | {met} |");
         };
         // The mesh's path holds the direct path and more, so a mesh percentile below direct's is
         // the baseline's own noise (a stalled direct round), not a latency the mesh took away:
         // such a run can neither meet nor miss the target.
         let added_check = |md: &mut String, target: &str, (q, label): (f64, &str), limit: f64| {
+            let floor = p(Setup::Relay, q)
+                .zip(p(Setup::Direct, q))
+                .map(|(r, d)| r - d);
             match (p(Setup::Mesh, q), p(Setup::Direct, q)) {
                 (Some(mesh), Some(direct)) if mesh < direct => {
                     let _ = writeln!(
                         md,
-                        "| {target} | {} | inconclusive: direct's own {label} ({direct:.0} µs) is above the mesh's ({mesh:.0} µs), so the baseline's tail sets this figure |",
+                        "| {target} | {} | {} | inconclusive: direct's own {label} ({direct:.0} µs) is above the mesh's ({mesh:.0} µs), so the baseline's tail sets this figure |",
                         fmt_num(mesh - direct, "µs"),
+                        floor.map_or_else(|| "–".into(), |f| fmt_num(f, "µs")),
                     );
                 }
                 (mesh, direct) => check(
                     md,
                     target,
                     mesh.zip(direct).map(|(m, d)| m - d),
+                    floor,
                     "µs",
                     limit,
                     false,
@@ -828,7 +847,7 @@ impl Results {
             .all(|(q, _)| p(Setup::Mesh, *q).is_some() && p(Setup::Stunnel, *q).is_some());
         let _ = writeln!(
             md,
-            "| mesh below stunnel at every percentile, 1,000 rps keep-alive | {} | {} |",
+            "| mesh below stunnel at every percentile, 1,000 rps keep-alive | {} | – | {} |",
             if below.is_empty() {
                 "all lower".to_string()
             } else {
@@ -840,13 +859,14 @@ impl Results {
                 (true, false) => "no",
             }
         );
-        let share = |map: &BTreeMap<Setup, Measure>| {
-            Some(map.get(&Setup::Mesh)?.median()? / map.get(&Setup::Direct)?.median()? * 100.0)
+        let share = |map: &BTreeMap<Setup, Measure>, s: Setup| {
+            Some(map.get(&s)?.median()? / map.get(&Setup::Direct)?.median()? * 100.0)
         };
         check(
             md,
             "bulk throughput ≥ 50% of direct",
-            share(&self.bulk),
+            share(&self.bulk, Setup::Mesh),
+            share(&self.bulk, Setup::Relay),
             "%",
             50.0,
             true,
@@ -854,32 +874,38 @@ impl Results {
         check(
             md,
             "new connections/s ≥ 50% of direct",
-            share(&self.connect),
+            share(&self.connect, Setup::Mesh),
+            None,
             "%",
             50.0,
             true,
         );
-        let mesh_1000 = cell(Setup::Mesh);
-        let per_agent = mesh_1000.and_then(|c| {
-            let worst = c
-                .proxy_cpu_s
-                .iter()
-                .cloned()
-                .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))?;
-            (c.all_requests > 0).then(|| worst / c.all_requests as f64 * 1000.0)
-        });
+        // The busier of a pair's processes, CPU-seconds per 1,000 requests.
+        let busier = |s: Setup| {
+            cell(s).and_then(|c| {
+                let worst = c
+                    .proxy_cpu_s
+                    .iter()
+                    .cloned()
+                    .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))?;
+                (c.all_requests > 0).then(|| worst / c.all_requests as f64 * 1000.0)
+            })
+        };
         check(
             md,
             "CPU per agent ≤ 0.03 vCPU per 1,000 rps (busier agent)",
-            per_agent,
+            busier(Setup::Mesh),
+            busier(Setup::Relay),
             "vCPU",
             0.03,
             false,
         );
+        let both = |s: Setup| cell(s).and_then(LatencyCell::cpu_per_1000);
         check(
             md,
             "CPU of both agents ≤ 0.06 vCPU per 1,000 rps",
-            mesh_1000.and_then(LatencyCell::cpu_per_1000),
+            both(Setup::Mesh),
+            both(Setup::Relay),
             "vCPU",
             0.06,
             false,
@@ -893,6 +919,7 @@ impl Results {
             md,
             "RSS idle ≤ 10 MB per agent (largest agent)",
             idle_rss,
+            None,
             "MB",
             10.0,
             false,
@@ -906,9 +933,16 @@ impl Results {
             md,
             "≤ 16 KiB per idle connection (both agents)",
             per_conn,
+            None,
             "KiB",
             16.0,
             false,
+        );
+        let _ = writeln!(
+            md,
+            "\nRelay pair (floor): the same figure for the two plain relays of the latency table in this run, where \
+             it applies. A target beyond it asks of the mesh less than two processes that only pass bytes on achieve \
+             here; the mesh's distance from the floor is what its own work costs."
         );
         md.push('\n');
     }

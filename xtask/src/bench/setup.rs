@@ -1,4 +1,4 @@
-//! The benchmark's testbed: two simulated nodes, three client/server task pairs, and what
+//! The benchmark's testbed: two simulated nodes, four client/server task pairs, and what
 //! carries each pair's traffic.
 //!
 //! ```text
@@ -6,10 +6,11 @@
 //!  direct-client  ───────── plain TCP ─────────▶ direct-server  :8080 http :8081 sink :8082 echo
 //!  mesh-client    ─▶ agent1 ══ mTLS HTTP/2 ══▶ agent2 ─▶ mesh-server (same servers)
 //!  stunnel-client ─▶ stunnel (client mode, 127.0.0.1:1808x) ══ TLS 1.3 ══▶ stunnel (:908x) ─▶ stunnel-server
+//!  relay-client   ─▶ relay (127.0.0.1:2808x) ─── plain TCP ───▶ relay (:1008x) ─▶ relay-server
 //! ```
 //! Only the mesh pair is listed in the agents' configuration, so only its connections are
 //! captured; the other pairs share the same kernel, links and agents' presence, which is
-//! what makes the three setups comparable within one run.
+//! what makes the setups comparable within one run.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -50,13 +51,17 @@ const ECHO_PORT: u16 = 8082;
 const STUNNEL_TLS_PORTS: [u16; 3] = [9080, 9081, 9082];
 /// stunnel's plaintext ports on loopback in the client task.
 const STUNNEL_LOCAL_PORTS: [u16; 3] = [18080, 18081, 18082];
+/// The server-side relay's ports on the server task, and the client-side relay's on loopback
+/// in the client task.
+const RELAY_HOP_PORTS: [u16; 3] = [10080, 10081, 10082];
+const RELAY_LOCAL_PORTS: [u16; 3] = [28080, 28081, 28082];
 /// The cipher suite and key exchange rustls (ring provider) picks between two agents: its
 /// first preference on both sides. stunnel is held to exactly these.
 pub const TLS13_SUITE: &str = "TLS_AES_256_GCM_SHA384";
 pub const TLS_GROUP: &str = "X25519";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The three ways a client reaches its server.
+/// The four ways a client reaches its server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Setup {
     /// No proxy: the baseline, and the limit of this machine.
@@ -65,16 +70,21 @@ pub enum Setup {
     Mesh,
     /// Two stunnel instances, mutual TLS between them.
     Stunnel,
+    /// Two plain TCP relays (`mesh-bench relay`: no TLS, no framing, a blocking thread per
+    /// direction): the floor of any pair of user-space proxies on this machine, the cost of
+    /// handing every byte from process to process and nothing else.
+    Relay,
 }
 
 impl Setup {
-    pub const ALL: [Setup; 3] = [Setup::Direct, Setup::Mesh, Setup::Stunnel];
+    pub const ALL: [Setup; 4] = [Setup::Direct, Setup::Mesh, Setup::Stunnel, Setup::Relay];
 
     pub fn name(self) -> &'static str {
         match self {
             Setup::Direct => "direct",
             Setup::Mesh => "mesh",
             Setup::Stunnel => "stunnel",
+            Setup::Relay => "relay",
         }
     }
 }
@@ -101,6 +111,8 @@ pub struct Testbed {
     pub agents: Vec<Agent>,
     stunnels: Vec<Process>,
     stunnel_pids: Vec<u32>,
+    relays: Vec<Process>,
+    relay_pids: Vec<u32>,
     _servers: Vec<Process>,
     pub pairs: Vec<Pair>,
     pub tls: TlsSeen,
@@ -152,9 +164,10 @@ impl Testbed {
             (_, _, _),
             (_, mesh_client, mesh_server),
             (_, stunnel_client, stunnel_server),
+            (_, relay_client, relay_server),
         ] = &tasks[..]
         else {
-            unreachable!("three setups");
+            unreachable!("four setups");
         };
         // The agent raises its own open-files soft limit to the hard one at start-up.
         let launch = Launch {
@@ -227,6 +240,12 @@ impl Testbed {
             );
         }
 
+        let relays = vec![
+            spawn_relay(&topology, relay_client, bench_bin, true, relay_server.ip())?,
+            spawn_relay(&topology, relay_server, bench_bin, false, relay_server.ip())?,
+        ];
+        let relay_pids: Vec<u32> = relays.iter().map(Process::pid).collect();
+
         let probe_files = ca.mint(&spiffe_id("bench-probe"), Validity::Current, &dir, "probe")?;
         let probe = |ip: Ipv4Addr, port: u16| -> String {
             tls_probe(
@@ -246,11 +265,14 @@ impl Testbed {
             .into_iter()
             .map(|(setup, client, server)| {
                 let at = |port: u16| SocketAddr::new(server.ip().into(), port);
-                let local =
-                    |i: usize| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), STUNNEL_LOCAL_PORTS[i]);
+                let local = |ports: [u16; 3]| {
+                    let at = |i: usize| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ports[i]);
+                    (at(0), at(1), at(2))
+                };
                 let (http, sink, echo) = match setup {
-                    Setup::Stunnel => (local(0), local(1), local(2)),
-                    _ => (at(HTTP_PORT), at(SINK_PORT), at(ECHO_PORT)),
+                    Setup::Stunnel => local(STUNNEL_LOCAL_PORTS),
+                    Setup::Relay => local(RELAY_LOCAL_PORTS),
+                    Setup::Direct | Setup::Mesh => (at(HTTP_PORT), at(SINK_PORT), at(ECHO_PORT)),
                 };
                 Pair {
                     setup,
@@ -265,6 +287,8 @@ impl Testbed {
             agents,
             stunnels: vec![client_stunnel, server_stunnel],
             stunnel_pids,
+            relays,
+            relay_pids,
             _servers: servers,
             pairs,
             tls,
@@ -281,7 +305,7 @@ impl Testbed {
         self.topology.dir()
     }
 
-    /// Copies the agents' and stunnels' logs to `dir` (replacing earlier ones), so they
+    /// Copies the agents', stunnels' and relays' logs to `dir` (replacing earlier ones), so they
     /// outlive the testbed's directory.
     pub fn save_logs(&self, dir: &Path) -> Result<()> {
         if dir.exists() {
@@ -299,7 +323,11 @@ impl Testbed {
                     stunnel.join(format!("{side}.log")),
                     format!("stunnel-{side}.log"),
                 )
-            }));
+            }))
+            .chain(
+                ["client", "server"]
+                    .map(|side| (relay_log(&self.topology, side), format!("relay-{side}.log"))),
+            );
         for (from, name) in logs {
             if from.is_file() {
                 fs::copy(&from, dir.join(&name))
@@ -321,17 +349,19 @@ impl Testbed {
             .expect("a pair per setup")
     }
 
-    /// The processes that carry a setup's traffic: both agents, both stunnels, or none.
+    /// The processes that carry a setup's traffic: both agents, both stunnels, both relays,
+    /// or none.
     pub fn proxy_pids(&self, setup: Setup) -> Vec<u32> {
         match setup {
             Setup::Direct => Vec::new(),
             Setup::Mesh => self.agents.iter().map(Agent::pid).collect(),
             Setup::Stunnel => self.stunnel_pids.clone(),
+            Setup::Relay => self.relay_pids.clone(),
         }
     }
 
-    /// Fails, with the agent's log, if an agent or stunnel has exited: every figure after
-    /// that would be meaningless.
+    /// Fails, with the process's log, if an agent, stunnel or relay has exited: every figure
+    /// after that would be meaningless.
     pub fn check_alive(&mut self) -> Result<()> {
         for agent in &mut self.agents {
             if let Some(status) = agent.exit_status()? {
@@ -351,6 +381,12 @@ impl Testbed {
                     "the {side}-side stunnel exited ({status}); its log ends:\n{}",
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
+            }
+        }
+        for (relay, side) in self.relays.iter_mut().zip(["client", "server"]) {
+            if let Some(status) = relay.try_wait()? {
+                let text = fs::read_to_string(relay_log(&self.topology, side)).unwrap_or_default();
+                bail!("the {side}-side relay exited ({status}): {}", text.trim());
             }
         }
         Ok(())
@@ -390,6 +426,58 @@ fn spawn_server(
         Ok(Some(line)) if line.contains("\"listening\"") => Ok(process),
         other => bail!(
             "mesh-bench serve {mode} on {addr} in task {} did not start ({other:?}): {}",
+            task.id(),
+            fs::read_to_string(&log).unwrap_or_default().trim()
+        ),
+    }
+}
+
+/// The relays' `LISTEN=TO` routes, chained like stunnel's services: the client side accepts
+/// on loopback and dials the server side's ports, which dial the servers.
+fn relay_routes(client: bool, server_ip: Ipv4Addr) -> Vec<String> {
+    let server = |port| SocketAddr::new(IpAddr::V4(server_ip), port);
+    let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    RELAY_LOCAL_PORTS
+        .into_iter()
+        .zip(RELAY_HOP_PORTS)
+        .zip([HTTP_PORT, SINK_PORT, ECHO_PORT])
+        .map(|((local_port, hop_port), app_port)| {
+            if client {
+                format!("{}={}", local(local_port), server(hop_port))
+            } else {
+                format!("{}={}", server(hop_port), server(app_port))
+            }
+        })
+        .collect()
+}
+
+fn relay_log(topology: &Topology, side: &str) -> PathBuf {
+    topology.dir().join(format!("relay-{side}.log"))
+}
+
+/// The client- or server-side `mesh-bench relay` in `task`, once it listens on every route.
+fn spawn_relay(
+    topology: &Topology,
+    task: &Task,
+    bench_bin: &Path,
+    client: bool,
+    server_ip: Ipv4Addr,
+) -> Result<Process> {
+    let log = relay_log(topology, if client { "client" } else { "server" });
+    let mut command = task.command(bench_bin)?;
+    command.arg("relay");
+    for route in relay_routes(client, server_ip) {
+        command.args(["--route", &route]);
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log)?);
+    let mut process = Process::spawn(&mut command)?;
+    match process.first_stdout_line(READY_TIMEOUT) {
+        Ok(Some(line)) if line.contains("\"listening\"") => Ok(process),
+        other => bail!(
+            "mesh-bench relay in task {} did not start ({other:?}): {}",
             task.id(),
             fs::read_to_string(&log).unwrap_or_default().trim()
         ),

@@ -7,6 +7,7 @@
 //! mesh-bench bulk --target ADDR --bytes N
 //! mesh-bench connect-rate --target ADDR --duration D [--concurrency N]
 //! mesh-bench idle --target ADDR --count N
+//! mesh-bench relay --route LISTEN=TO [--route LISTEN=TO ...]
 //! ```
 //! Every client subcommand prints one JSON object with its results on stdout and exits 0,
 //! also when requests failed: failures are counted (`errors`) with a few samples
@@ -27,6 +28,7 @@
 mod clock;
 mod http1;
 mod load;
+mod relay;
 mod serve;
 mod stats;
 mod stream;
@@ -62,6 +64,8 @@ enum Command {
     ConnectRate(stream::ConnectOptions),
     /// Opens N connections to a `serve --mode echo` and holds them until stdin closes.
     Idle(stream::IdleOptions),
+    /// A plain TCP relay (no TLS), one thread per direction: the floor of any proxy pair.
+    Relay(relay::Options),
 }
 
 /// `10`, `10s`, `1.5s`, `500ms` or `2m`.
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::Bulk(opts) => stream::bulk(opts),
         Command::ConnectRate(opts) => stream::connect_rate(opts),
         Command::Idle(opts) => stream::idle(opts),
+        Command::Relay(opts) => relay::run(opts),
     };
     match result {
         Ok(report) => {
