@@ -40,10 +40,10 @@ pub const PERCENTILES: [(f64, &str); 4] = [
 
 /// What the relay columns are, under the latency table.
 const RELAY_NOTE: &str = "The relay column is two plain TCP relays (`mesh-bench relay`) in the places of the two stunnels: \
-no TLS, no framing, a blocking thread per direction, one read and one write per hop. They hand each request and \
-response from process to process as any pair of proxies must and do nothing else, so what they add to direct is \
-the floor under every proxy pair's added latency on this machine (the thread wake-ups), and what the mesh adds \
-beyond them is the cost of its own work (TLS, HTTP/2, the event loop).";
+no TLS, no framing, one thread with an event loop that accepts, dials onward and copies both ways. They hand each \
+request and response from process to process as any pair of proxies must and do nothing else, so what they add to \
+direct is the floor under any proxy pair's added latency on this machine (the wake-ups), and what the mesh adds \
+beyond them is the cost of its own work (TLS, HTTP/2, capture, policy, metrics).";
 
 /// Send lag beyond which requests are taken to have waited for a free connection of the
 /// generator's pool rather than for the generator's own wake-up.
@@ -875,7 +875,7 @@ impl Results {
             md,
             "new connections/s ≥ 50% of direct",
             share(&self.connect, Setup::Mesh),
-            None,
+            share(&self.connect, Setup::Relay),
             "%",
             50.0,
             true,

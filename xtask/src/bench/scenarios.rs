@@ -37,16 +37,6 @@ pub enum Figure {
 }
 
 impl Figure {
-    /// Whether `setup` is measured in this figure. The relay pair stands for the cost of a
-    /// proxy pair's hand-overs and copies and nothing else, so it runs where that is what is
-    /// measured: keep-alive requests, max throughput, bulk. With a thread per direction, each
-    /// new connection costs a relay two thread starts, which an event-driven proxy does not
-    /// pay, so it would be no floor for the new-connection figures; idle connections are not
-    /// compared either.
-    pub fn measures(self, setup: Setup) -> bool {
-        setup != Setup::Relay || matches!(self, Figure::KeepAlive | Figure::Max | Figure::Bulk)
-    }
-
     /// The name `--only` takes.
     pub fn name(self) -> String {
         use clap::ValueEnum;
@@ -142,7 +132,7 @@ impl Plan {
         let secs = |d: Duration| d.as_secs_f64();
         format!(
             "{rounds} round(s) per figure, setups interleaved (direct, mesh, stunnel and relay back to back, order rotating; \
-             the relay pair, two plain TCP relays without TLS, only for keep-alive latency, max throughput and bulk). \
+             relay: two plain TCP relays without TLS, the floor). \
              Latency: {rates:?} requests/s open loop, {lat} s measured per round after {warm} s of warm-up, \
              keep-alive over a pool of {pool} connections or a new connection per request (at most {pool} in flight); \
              percentiles of all rounds merged. Max throughput: {maxc} keep-alive connections, closed loop, {maxd} s. \
@@ -181,8 +171,7 @@ impl Plan {
             Figure::Bulk => self.bulk_rounds,
             Figure::Idle => 0,
         };
-        let setups = |figure: Figure| Setup::ALL.iter().filter(|&&s| figure.measures(s)).count();
-        [
+        let per_setup: usize = [
             Figure::KeepAlive,
             Figure::NewConnection,
             Figure::Max,
@@ -191,8 +180,9 @@ impl Plan {
         ]
         .into_iter()
         .filter(|&f| self.includes(f))
-        .map(|f| per_figure(f) * setups(f))
-        .sum()
+        .map(per_figure)
+        .sum();
+        per_setup * Setup::ALL.len()
     }
 }
 
@@ -254,7 +244,7 @@ impl<'a> Runner<'a> {
         ] {
             if plan.includes(figure) {
                 for &rate in &plan.rates {
-                    self.latency(conn, figure, rate)?;
+                    self.latency(conn, rate)?;
                 }
             }
         }
@@ -267,6 +257,8 @@ impl<'a> Runner<'a> {
         if plan.includes(Figure::ConnectRate) {
             self.connect_rate()?;
         }
+        // Not the relays: they hold two copy buffers per connection from its start, which is
+        // no floor for what an idle connection must cost.
         if plan.includes(Figure::Idle) {
             for setup in [Setup::Mesh, Setup::Stunnel] {
                 self.idle(setup)?;
@@ -275,11 +267,10 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    /// The next order of the setups `figure` measures: each takes each position about
-    /// equally often.
-    fn order(&mut self, figure: Figure) -> Vec<Setup> {
+    /// The next order of the setups: each takes each position equally often.
+    fn order(&mut self) -> [Setup; 4] {
         self.turn += 1;
-        rotation(self.turn - 1, figure)
+        rotation(self.turn - 1)
     }
 
     /// Every path carries a little of each kind of traffic without a single error, and the
@@ -353,9 +344,9 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    fn latency(&mut self, conn: Conn, figure: Figure, rate: u32) -> Result<()> {
+    fn latency(&mut self, conn: Conn, rate: u32) -> Result<()> {
         for _ in 0..self.plan.rounds {
-            for setup in self.order(figure) {
+            for setup in self.order() {
                 let pair = self.bed.pair(setup);
                 let mut a = args(&[
                     "rate",
@@ -405,7 +396,7 @@ impl<'a> Runner<'a> {
 
     fn max(&mut self) -> Result<()> {
         for _ in 0..self.plan.rounds {
-            for setup in self.order(Figure::Max) {
+            for setup in self.order() {
                 let pair = self.bed.pair(setup);
                 let a = args(&[
                     "max",
@@ -445,7 +436,7 @@ impl<'a> Runner<'a> {
 
     fn bulk(&mut self) -> Result<()> {
         for _ in 0..self.plan.bulk_rounds {
-            for setup in self.order(Figure::Bulk) {
+            for setup in self.order() {
                 let pair = self.bed.pair(setup);
                 let a = args(&[
                     "bulk",
@@ -475,7 +466,7 @@ impl<'a> Runner<'a> {
 
     fn connect_rate(&mut self) -> Result<()> {
         for _ in 0..self.plan.rounds {
-            for setup in self.order(Figure::ConnectRate) {
+            for setup in self.order() {
                 let pair = self.bed.pair(setup);
                 let a = args(&[
                     "connect-rate",
@@ -731,12 +722,12 @@ impl<'a> Runner<'a> {
 
 /// Waits for the next stdout line of `process`; `None` if it exits first. Fails when
 /// interrupted or after `timeout`.
-/// The setups `figure` measures, in the order of turn `turn`: all setups rotated by one
-/// place per turn, so each comes first (and follows each other) equally often.
-fn rotation(turn: usize, figure: Figure) -> Vec<Setup> {
+/// The setups in the order of turn `turn`: rotated by one place per turn, so each comes
+/// first (and follows each other) equally often.
+fn rotation(turn: usize) -> [Setup; 4] {
     let mut order = Setup::ALL;
     order.rotate_left(turn % Setup::ALL.len());
-    order.into_iter().filter(|&s| figure.measures(s)).collect()
+    order
 }
 
 fn wait_line(
@@ -812,25 +803,9 @@ mod tests {
     fn rotation_puts_each_setup_in_each_position() {
         let n = Setup::ALL.len();
         for position in 0..n {
-            let mut at: Vec<Setup> = (0..n)
-                .map(|turn| rotation(turn, Figure::KeepAlive)[position])
-                .collect();
+            let mut at: Vec<Setup> = (0..n).map(|turn| rotation(turn)[position]).collect();
             at.sort();
             assert_eq!(at, Setup::ALL.to_vec(), "position {position}");
-        }
-    }
-
-    #[test]
-    fn the_relay_floor_runs_only_where_it_is_a_floor() {
-        for figure in [Figure::KeepAlive, Figure::Max, Figure::Bulk] {
-            assert_eq!(rotation(0, figure), Setup::ALL.to_vec());
-        }
-        for figure in [Figure::NewConnection, Figure::ConnectRate] {
-            for turn in 0..Setup::ALL.len() {
-                let order = rotation(turn, figure);
-                assert_eq!(order.len(), 3);
-                assert!(!order.contains(&Setup::Relay));
-            }
         }
     }
 
@@ -842,9 +817,9 @@ mod tests {
         });
         let full = Plan::new(&Options::default());
         assert!(quick.runs() < full.runs());
-        // Latency (3 rates, keep-alive with the relay, new connection without), max (with),
-        // new connections (without): 3 rounds each; bulk (with): 5 rounds.
-        assert_eq!(full.runs(), (3 * 4 + 3 * 3 + 4 + 3) * 3 + 5 * 4);
+        // Latency (3 rates, two kinds of connection), max, new connections: 3 rounds
+        // each; bulk: 5 rounds; every figure for each of the four setups.
+        assert_eq!(full.runs(), ((3 * 2 + 2) * 3 + 5) * 4);
         assert_eq!(full.bulk_bytes, 1 << 30);
         assert_eq!(full.idle_count, 10_000);
         assert!(full.text().contains("3 round(s)"));

@@ -70,8 +70,8 @@ pub enum Setup {
     Mesh,
     /// Two stunnel instances, mutual TLS between them.
     Stunnel,
-    /// Two plain TCP relays (`mesh-bench relay`: no TLS, no framing, a blocking thread per
-    /// direction): the floor of any pair of user-space proxies on this machine, the cost of
+    /// Two plain TCP relays (`mesh-bench relay`: no TLS, no framing, an event loop copying
+    /// both ways): the floor of any pair of user-space proxies on this machine, the cost of
     /// handing every byte from process to process and nothing else.
     Relay,
 }

@@ -64,7 +64,7 @@ enum Command {
     ConnectRate(stream::ConnectOptions),
     /// Opens N connections to a `serve --mode echo` and holds them until stdin closes.
     Idle(stream::IdleOptions),
-    /// A plain TCP relay (no TLS), one thread per direction: the floor of any proxy pair.
+    /// A plain TCP relay (no TLS, an event loop copying both ways): the floor of a proxy pair.
     Relay(relay::Options),
 }
 

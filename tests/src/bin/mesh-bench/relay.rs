@@ -1,26 +1,27 @@
 //! A plain TCP relay: the cheapest user-space proxy there is, for the benchmark's floor.
 //!
 //! A pair of these (one in the client's task, one in the server's) carries a connection the
-//! way two proxies do, with nothing else: no TLS, no framing, no event loop. Each direction
-//! of each connection is one thread doing a blocking `read` then `write` of whatever arrived,
-//! so a request costs each relay one `read` and one `write` per direction and the thread
-//! wake-ups that any pair of user-space proxies makes. What a pair of relays adds to the
-//! direct figures is therefore what the hand-over between processes costs on this machine,
-//! the part of the mesh's (and stunnel's) added latency no proxy code can remove.
+//! way two proxies do, with nothing else: no TLS, no framing, no policy, no metrics. One
+//! thread runs an event loop (tokio's current-thread runtime); each connection is accepted,
+//! dialled onward and copied both ways, so a request costs each relay a wake-up, a `read` and
+//! a `write` per direction, which any pair of user-space proxies pays too. What a pair of
+//! relays adds to the direct figures is therefore what the hand-over between processes costs
+//! on this machine, the part of the mesh's (and stunnel's) added cost that no proxy code can
+//! remove. (A blocking thread per direction was tried as well: the same latency and CPU per
+//! request within the spread, and two thread starts per new connection.)
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::thread;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::parse_addr;
 
 /// As large as one of the agent's splice reads.
 const BUFFER: usize = 32 * 1024;
-/// Each relaying thread needs its buffer (on the heap) and a few frames.
-const STACK: usize = 64 * 1024;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -37,97 +38,70 @@ fn parse_route(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
 }
 
 /// Relays until killed (errors go to stderr, which the benchmark keeps as a log); prints
-/// `{"listening": [ADDR, ...]}` once every route's socket listens.
+/// `{"listening": [LISTEN=TO, ...]}` once every route's socket listens.
 pub fn run(opts: Options) -> Result<Value> {
     crate::sys::raise_nofile(65_536).or_else(|_| crate::sys::raise_nofile(4096))?;
-    let mut listeners = Vec::new();
-    for (listen, to) in opts.routes {
-        let listener = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
-        listeners.push((listener, to));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(relay_routes(opts.routes))
+}
+
+async fn relay_routes(routes: Vec<(SocketAddr, SocketAddr)>) -> Result<Value> {
+    let mut listening = Vec::new();
+    let mut acceptors = Vec::new();
+    for (listen, to) in routes {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("bind {listen}"))?;
+        listening.push(format!("{}={to}", listener.local_addr()?));
+        acceptors.push((listener, to));
     }
-    let listening: Vec<String> = listeners
-        .iter()
-        .map(|(l, to)| Ok(format!("{}={to}", l.local_addr()?)))
-        .collect::<io::Result<_>>()?;
     crate::emit(&json!({ "listening": listening, "mode": "relay" }));
-    let acceptors: Vec<_> = listeners
+    let acceptors: Vec<_> = acceptors
         .into_iter()
-        .map(|(listener, to)| thread::spawn(move || accept_loop(listener, to)))
+        .map(|(listener, to)| tokio::spawn(accept_loop(listener, to)))
         .collect();
     for acceptor in acceptors {
-        let _ = acceptor.join();
+        let _ = acceptor.await;
     }
     bail!("every route's listener stopped accepting")
 }
 
-fn accept_loop(listener: TcpListener, to: SocketAddr) {
-    for accepted in listener.incoming() {
-        let client = match accepted {
-            Ok(c) => c,
+async fn accept_loop(listener: TcpListener, to: SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((client, _)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = relay(client, to).await {
+                        eprintln!("relay to {to}: {e}");
+                    }
+                });
+            }
             Err(e) => {
                 // EMFILE and the like: the next accept may succeed.
                 eprintln!("accept for {to}: {e}");
-                thread::sleep(std::time::Duration::from_millis(10));
-                continue;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-        };
-        let spawned = thread::Builder::new().stack_size(STACK).spawn(move || {
-            if let Err(e) = relay(client, to) {
-                eprintln!("relay to {to}: {e}");
-            }
-        });
-        if let Err(e) = spawned {
-            eprintln!("cannot start a relay thread: {e}");
         }
     }
 }
 
-/// Carries one connection: this thread takes the server's direction, a second one the
-/// client's. Returns once both directions have ended.
-fn relay(client: TcpStream, to: SocketAddr) -> io::Result<()> {
-    let server = TcpStream::connect(to)?;
+/// Carries one connection until both directions have ended; a half-close is passed on as a
+/// half-close.
+async fn relay(mut client: TcpStream, to: SocketAddr) -> io::Result<()> {
+    let mut server = TcpStream::connect(to).await?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;
-    let (client_in, server_out) = (client.try_clone()?, server.try_clone()?);
-    let upstream = thread::Builder::new()
-        .stack_size(STACK)
-        .spawn(move || pump(client_in, server_out))?;
-    let down = pump(server, client);
-    let up = upstream
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("relay thread panicked")));
-    down.and(up)
-}
-
-/// Copies `from` to `to` until `from` ends, then passes the end on as a FIN. On a failure
-/// both sockets are shut down, so the other direction's thread ends too.
-fn pump(mut from: TcpStream, mut to: TcpStream) -> io::Result<()> {
-    let mut buffer = vec![0u8; BUFFER];
-    let copied = loop {
-        match from.read(&mut buffer) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                if let Err(e) = to.write_all(&buffer[..n]) {
-                    break Err(e);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e),
-        }
-    };
-    match copied {
-        Ok(()) => to.shutdown(Shutdown::Write),
-        Err(e) => {
-            let _ = from.shutdown(Shutdown::Both);
-            let _ = to.shutdown(Shutdown::Both);
-            Err(e)
-        }
-    }
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUFFER, BUFFER).await?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn parses_routes() {
@@ -140,27 +114,27 @@ mod tests {
 
     /// A request, its half-close, and the answer after it cross the relay whole: what the
     /// benchmark's bulk transfer (the sink answers after the sender's FIN) relies on.
-    #[test]
-    fn relays_both_ways_and_passes_the_half_close_on() {
-        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    #[tokio::test]
+    async fn relays_both_ways_and_passes_the_half_close_on() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server_addr = server.local_addr().unwrap();
-        let relay_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let relay_addr = relay_listener.local_addr().unwrap();
-        thread::spawn(move || accept_loop(relay_listener, server_addr));
-        let answering = thread::spawn(move || {
-            let (mut s, _) = server.accept().unwrap();
+        tokio::spawn(accept_loop(relay_listener, server_addr));
+        let answering = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
             let mut request = Vec::new();
-            s.read_to_end(&mut request).unwrap();
-            s.write_all(format!("got {} bytes", request.len()).as_bytes())
-                .unwrap();
+            s.read_to_end(&mut request).await.unwrap();
+            let answer = format!("got {} bytes", request.len());
+            s.write_all(answer.as_bytes()).await.unwrap();
         });
-        let mut client = TcpStream::connect(relay_addr).unwrap();
+        let mut client = TcpStream::connect(relay_addr).await.unwrap();
         let request = vec![7u8; 3 * BUFFER + 5];
-        client.write_all(&request).unwrap();
-        client.shutdown(Shutdown::Write).unwrap();
+        client.write_all(&request).await.unwrap();
+        client.shutdown().await.unwrap();
         let mut answer = String::new();
-        client.read_to_string(&mut answer).unwrap();
+        client.read_to_string(&mut answer).await.unwrap();
         assert_eq!(answer, format!("got {} bytes", request.len()));
-        answering.join().unwrap();
+        answering.await.unwrap();
     }
 }
