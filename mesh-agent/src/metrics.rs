@@ -185,10 +185,11 @@ impl ConnectionEnd {
     }
 }
 
-/// Counters of one proxied connection, from its reporter's point of view.
+/// Counters of one proxied connection, from its reporter's point of view: counted as opened
+/// when made (`Metrics::tcp`), as closed by `finish`, or as closed and reset if dropped
+/// unfinished (its task cut short, as by a stopping agent after its drain deadline).
 pub struct TcpMetrics {
-    pub opened: Counter,
-    pub closed: Counter,
+    closed: Counter,
     /// Of the closed, those that ended in a reset.
     reset: Counter,
     /// Bytes from the source to the destination (Istio: received during the request).
@@ -203,6 +204,7 @@ pub struct TcpMetrics {
     access_log: Option<Arc<AccessLog>>,
     /// Keeps the series from expiring while the connection is open.
     lease: SeriesLease<TcpLabels>,
+    finished: bool,
 }
 
 impl TcpMetrics {
@@ -218,7 +220,12 @@ impl TcpMetrics {
 
     /// The connection has closed: counted (as reset too if it was), its lifetime observed,
     /// and logged.
-    pub fn finish(&self, end: ConnectionEnd) {
+    pub fn finish(mut self, end: ConnectionEnd) {
+        self.record_end(end);
+        self.finished = true;
+    }
+
+    fn record_end(&self, end: ConnectionEnd) {
         let lifetime = self.started.elapsed();
         self.closed.inc();
         if end == ConnectionEnd::Reset {
@@ -233,6 +240,14 @@ impl TcpMetrics {
                 self.connection_sent.get(),
                 end,
             );
+        }
+    }
+}
+
+impl Drop for TcpMetrics {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.record_end(ConnectionEnd::Reset);
         }
     }
 }
@@ -338,14 +353,24 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
 }
 
+/// One open connection of a task (`TaskMetrics::connection`).
+pub struct OpenConnection<'a>(&'a TaskMetrics);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.active.dec();
+        self.0.closed.inc();
+    }
+}
+
 /// Handles on one task's series, held by its listener and connections.
 #[derive(Clone)]
 pub struct TaskMetrics {
     pub task: Arc<str>,
     pub captured: Counter,
-    pub opened: Counter,
-    pub closed: Counter,
-    pub active: Gauge,
+    opened: Counter,
+    closed: Counter,
+    active: Gauge,
     /// Bytes the task sent to its destination.
     pub sent_bytes: Counter,
     /// Bytes the destination sent back to the task.
@@ -354,6 +379,14 @@ pub struct TaskMetrics {
 }
 
 impl TaskMetrics {
+    /// Counts a connection of the task opened, and active until the guard drops: then closed,
+    /// whether the connection finished or its task was cut short.
+    pub fn connection(&self) -> OpenConnection<'_> {
+        self.opened.inc();
+        self.active.inc();
+        OpenConnection(self)
+    }
+
     pub fn connect_error(&self, reason: ConnectErrorReason) {
         self.errors
             .get_or_create(&ConnectErrorLabels {
@@ -717,8 +750,10 @@ impl Metrics {
     }
 
     /// Counter handles for one connection's label set.
+    /// A proxied connection opened now, counted as such; see `TcpMetrics` for its end.
     pub fn tcp(&self, labels: &TcpLabels) -> TcpMetrics {
         self.tcp_uses.touch(labels, 1);
+        self.tcp_opened.get_or_create(labels).inc();
         TcpMetrics {
             lease: SeriesLease {
                 uses: self.tcp_uses.clone(),
@@ -727,13 +762,13 @@ impl Metrics {
             connection_received: Counter::default(),
             connection_sent: Counter::default(),
             access_log: self.access_log.get().cloned(),
-            opened: self.tcp_opened.get_or_create(labels).clone(),
             closed: self.tcp_closed.get_or_create(labels).clone(),
             reset: self.tcp_reset.get_or_create(labels).clone(),
             received_bytes: self.tcp_received.get_or_create(labels).clone(),
             sent_bytes: self.tcp_sent.get_or_create(labels).clone(),
             duration: self.tcp_duration.get_or_create(labels).clone(),
             started: std::time::Instant::now(),
+            finished: false,
         }
     }
 
@@ -929,6 +964,74 @@ mod tests {
             destination_principal: "spiffe://td/b".into(),
             connection_security_policy: "mutual_tls",
         }
+    }
+
+    fn connection(uses: &Arc<SeriesUse<TcpLabels>>) -> TcpMetrics {
+        uses.touch(&labels("b"), 1);
+        TcpMetrics {
+            closed: Counter::default(),
+            reset: Counter::default(),
+            received_bytes: Counter::default(),
+            sent_bytes: Counter::default(),
+            duration: duration_histogram(),
+            started: std::time::Instant::now(),
+            connection_received: Counter::default(),
+            connection_sent: Counter::default(),
+            access_log: None,
+            lease: SeriesLease {
+                uses: uses.clone(),
+                labels: labels("b"),
+            },
+            finished: false,
+        }
+    }
+
+    /// A connection whose task is dropped before it finished (a stopping agent cutting it
+    /// after the drain deadline) is still counted as ended, as a reset, and lets go of its
+    /// series; one that finished is counted once.
+    #[test]
+    fn a_connection_cut_short_is_counted_as_reset() {
+        let uses = SeriesUse::<TcpLabels>::new();
+        let finished = connection(&uses);
+        let (closed, reset) = (finished.closed.clone(), finished.reset.clone());
+        finished.finish(ConnectionEnd::Closed);
+        assert_eq!((closed.get(), reset.get()), (1, 0));
+
+        let cut = connection(&uses);
+        let (closed, reset) = (cut.closed.clone(), cut.reset.clone());
+        drop(cut);
+        assert_eq!((closed.get(), reset.get()), (1, 1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let idle = std::time::Duration::from_millis(10);
+        assert_eq!(
+            uses.take_idle(idle),
+            vec![labels("b")],
+            "no open connection holds it"
+        );
+    }
+
+    #[test]
+    fn a_task_connection_is_active_until_its_guard_drops() {
+        let task = TaskMetrics {
+            task: "t".into(),
+            captured: Counter::default(),
+            opened: Counter::default(),
+            closed: Counter::default(),
+            active: Gauge::default(),
+            sent_bytes: Counter::default(),
+            received_bytes: Counter::default(),
+            errors: Family::default(),
+        };
+        let open = task.connection();
+        assert_eq!(
+            (task.opened.get(), task.active.get(), task.closed.get()),
+            (1, 1, 0)
+        );
+        drop(open);
+        assert_eq!(
+            (task.opened.get(), task.active.get(), task.closed.get()),
+            (1, 0, 1)
+        );
     }
 
     /// An idle series goes; one held by an open connection stays until the connection ends

@@ -735,6 +735,82 @@ fn a_reset_crosses_the_tunnel_as_a_reset() {
     })
 }
 
+/// A stopping agent gives the connections still open its drain timeout, then cuts them: the
+/// applications on both sides see a reset, not a clean end that would pass a cut-short stream
+/// for a complete one, and the stopping agent still accounts for what it cut (an access log
+/// line saying `"end":"reset"`), as the other agent does (its reset counter).
+#[test]
+fn a_stopping_agent_resets_the_connections_left_after_its_drain() {
+    with_mesh(TrustInit::default(), |m| {
+        let watching = m.kit.serve(&m.b, addr(m.b.ip(), 8081), ServeMode::Watch)?;
+        let log1 = m.topology.dir().join("access-node1.log");
+        let toml_path = |p: &std::path::Path| format!("{:?}", p.display().to_string());
+        let node1 = m.node1().agent("access_log", &toml_path(&log1));
+        let mut agent1 = Agent::start(&m.n1, &node1.render())?;
+        let agent2 = Agent::start(&m.n2, &m.node2().render())?;
+        let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
+        let hop = mtls_labels("destination", &id_a, &id_b);
+        let (client_out, stopped_after) = thread::scope(|scope| -> Result<(String, Duration)> {
+            // Sends 1,000 bytes, then waits for the connection to end; the server never answers.
+            let client = scope.spawn(|| {
+                m.kit.run_client(
+                    &m.a,
+                    watching.addr(),
+                    &["--mode", "until-end", "--send-bytes", "1000"],
+                    Duration::from_secs(30),
+                )
+            });
+            agent2.wait_metric(TCP_OPENED, &hop, SHORT, |v| v == 1.0)?;
+            let stopping = Instant::now();
+            let status = agent1.terminate()?;
+            let stopped_after = stopping.elapsed();
+            ensure!(
+                status.success(),
+                "the agent exited with {status}\n{}",
+                agent1.log_tail(30)
+            );
+            let out = client
+                .join()
+                .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+            Ok((out, stopped_after))
+        })?;
+        // The test mesh's drain timeout is 2 s: the connection was given it.
+        ensure!(
+            stopped_after >= Duration::from_secs(2),
+            "the agent stopped after {stopped_after:?}, before its 2 s drain timeout"
+        );
+        ensure!(
+            client_out.contains("received=0 ended=reset"),
+            "the client should see its connection reset when the drain ends: {client_out}"
+        );
+        wait_for("the server to see the connection end", SHORT, || {
+            Ok(if watching.log().contains("ended after") {
+                Ok(())
+            } else {
+                Err(watching.log())
+            })
+        })?;
+        let seen = watching.log();
+        ensure!(
+            seen.contains("ended after 1000 bytes: reset"),
+            "the server should see the client's 1000 bytes, then a reset: {seen:?}"
+        );
+        agent2.wait_metric(TCP_RESET, &hop, METRIC_LAG, |v| v == 1.0)?;
+        let log = std::fs::read_to_string(&log1).context("node 1's access log")?;
+        let cut: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(r#""kind":"connection""#))
+            .collect();
+        ensure!(
+            cut.len() == 1
+                && cut[0].contains(r#""end":"reset""#)
+                && cut[0].contains(r#""received_bytes":1000"#),
+            "node 1's access log should hold one connection line, reset after 1000 bytes: {log:?}"
+        );
+        Ok(())
+    })
+}
+
 /// Tasks a and c on one node: a's connection to c skips the tunnel, but c's policy still
 /// applies. While it allows only role z, a is reset and node 1 counts a denial as the
 /// destination; once the config file is rewritten to allow a (noticed by the file watch,

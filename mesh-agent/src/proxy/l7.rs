@@ -198,23 +198,21 @@ async fn serve_http<S>(
     let mut received = vec![&ctx.metrics.sent_bytes];
     let mut sent = vec![&ctx.metrics.received_bytes];
     for t in std::iter::once(&tcp).chain(&peer_side) {
-        t.opened.inc();
         received.extend(t.received());
         sent.extend(t.sent());
     }
     let client = Metered::new(client, &received, &sent);
-    ctx.metrics.opened.inc();
-    ctx.metrics.active.inc();
+    let open = ctx.metrics.connection();
     let options = http::ServeOptions {
         idle_timeout: hop.idle_timeout,
     };
     let served = http::serve(client, version, router, pool, budget, observer, &options).await;
-    ctx.metrics.active.dec();
-    ctx.metrics.closed.inc();
+    drop(open);
     // An HTTP connection's failures are its requests' (`response_flags`); the connection
     // itself ends as HTTP ends it.
-    for t in std::iter::once(&tcp).chain(&peer_side) {
-        t.finish(ConnectionEnd::Closed);
+    tcp.finish(ConnectionEnd::Closed);
+    if let Some(d) = peer_side {
+        d.finish(ConnectionEnd::Closed);
     }
     if let Err(e) = served {
         debug!(task = %ctx.task_id, service = %hop.service, error = %e, "HTTP connection ended with an error");
@@ -277,9 +275,7 @@ async fn serve_tcp(
         connection_security_policy: endpoint.policy,
     };
     let tcp = ctx.mesh.metrics.tcp(&labels);
-    tcp.opened.inc();
-    ctx.metrics.opened.inc();
-    ctx.metrics.active.inc();
+    let open = ctx.metrics.connection();
     let m = &ctx.metrics;
     let [received, received_here] = tcp.received();
     let [sent, sent_here] = tcp.sent();
@@ -291,8 +287,7 @@ async fn serve_tcp(
     if let Err(e) = &result {
         debug!(task = %ctx.task_id, virtual_service = %vs, error = %e, "connection ended with an error");
     }
-    ctx.metrics.active.dec();
-    ctx.metrics.closed.inc();
+    drop(open);
     tcp.finish(ConnectionEnd::of(&result));
 }
 

@@ -254,12 +254,7 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContex
             ..labels.clone()
         })
     });
-    m.opened.inc();
-    m.active.inc();
-    tcp.opened.inc();
-    if let Some(d) = &peer_side {
-        d.opened.inc();
-    }
+    let open = m.connection();
     debug!(task = %ctx.task_id, %peer, %dst, "proxying");
     let mut up = vec![&m.sent_bytes];
     let mut down = vec![&m.received_bytes];
@@ -278,10 +273,9 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, ctx: Arc<OutboundContex
     if let Err(e) = result {
         debug!(task = %ctx.task_id, %peer, %dst, error = %e, "connection ended with an error");
     }
-    m.active.dec();
-    m.closed.inc();
+    drop(open);
     tcp.finish(end);
-    if let Some(d) = &peer_side {
+    if let Some(d) = peer_side {
         d.finish(end);
     }
 }

@@ -389,7 +389,6 @@ async fn carry(answer: Answer) {
         return;
     };
     let tcp = mesh.metrics.tcp(&labels);
-    tcp.opened.inc();
     let (up, down) = (tcp.received(), tcp.sent());
     let result = match meta.protocol {
         // The source agent proxies this stream's requests: serve them as HTTP too, so that
