@@ -415,19 +415,27 @@ fn spawn_server(
     let log = topology
         .dir()
         .join(format!("serve-{}-{}.log", task.id(), addr.port()));
+    let addr = addr.to_string();
+    let args = ["serve", "--listen", &addr, "--mode", mode];
+    spawn_listening(task, bench_bin, &args, &log)
+        .with_context(|| format!("mesh-bench serve {mode} on {addr}"))
+}
+
+/// `mesh-bench ARGS` in `task`, its stderr to `log`, once it prints its `listening` line.
+fn spawn_listening(task: &Task, bench_bin: &Path, args: &[&str], log: &Path) -> Result<Process> {
     let mut command = task.command(bench_bin)?;
     command
-        .args(["serve", "--listen", &addr.to_string(), "--mode", mode])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(File::create(&log)?);
+        .stderr(File::create(log)?);
     let mut process = Process::spawn(&mut command)?;
     match process.first_stdout_line(READY_TIMEOUT) {
         Ok(Some(line)) if line.contains("\"listening\"") => Ok(process),
         other => bail!(
-            "mesh-bench serve {mode} on {addr} in task {} did not start ({other:?}): {}",
+            "did not start in task {} ({other:?}): {}",
             task.id(),
-            fs::read_to_string(&log).unwrap_or_default().trim()
+            fs::read_to_string(log).unwrap_or_default().trim()
         ),
     }
 }
@@ -464,24 +472,12 @@ fn spawn_relay(
     server_ip: Ipv4Addr,
 ) -> Result<Process> {
     let log = relay_log(topology, if client { "client" } else { "server" });
-    let mut command = task.command(bench_bin)?;
-    command.arg("relay");
-    for route in relay_routes(client, server_ip) {
-        command.args(["--route", &route]);
+    let routes = relay_routes(client, server_ip);
+    let mut args = vec!["relay"];
+    for route in &routes {
+        args.extend(["--route", route]);
     }
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(File::create(&log)?);
-    let mut process = Process::spawn(&mut command)?;
-    match process.first_stdout_line(READY_TIMEOUT) {
-        Ok(Some(line)) if line.contains("\"listening\"") => Ok(process),
-        other => bail!(
-            "mesh-bench relay in task {} did not start ({other:?}): {}",
-            task.id(),
-            fs::read_to_string(&log).unwrap_or_default().trim()
-        ),
-    }
+    spawn_listening(task, bench_bin, &args, &log).context("mesh-bench relay")
 }
 
 /// One stunnel service: `(name, accept, connect)`.
