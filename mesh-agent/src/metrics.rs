@@ -204,7 +204,8 @@ pub struct TcpMetrics {
     access_log: Option<Arc<AccessLog>>,
     /// Keeps the series from expiring while the connection is open.
     lease: SeriesLease<TcpLabels>,
-    finished: bool,
+    /// How it ended, once `finish` says so; recorded when the handle drops.
+    end: Option<ConnectionEnd>,
 }
 
 impl TcpMetrics {
@@ -221,11 +222,15 @@ impl TcpMetrics {
     /// The connection has closed: counted (as reset too if it was), its lifetime observed,
     /// and logged.
     pub fn finish(mut self, end: ConnectionEnd) {
-        self.record_end(end);
-        self.finished = true;
+        self.end = Some(end);
     }
+}
 
-    fn record_end(&self, end: ConnectionEnd) {
+impl Drop for TcpMetrics {
+    /// Records the end `finish` gave, or a reset for a connection whose task was dropped
+    /// before it finished.
+    fn drop(&mut self) {
+        let end = self.end.unwrap_or(ConnectionEnd::Reset);
         let lifetime = self.started.elapsed();
         self.closed.inc();
         if end == ConnectionEnd::Reset {
@@ -240,14 +245,6 @@ impl TcpMetrics {
                 self.connection_sent.get(),
                 end,
             );
-        }
-    }
-}
-
-impl Drop for TcpMetrics {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.record_end(ConnectionEnd::Reset);
         }
     }
 }
@@ -749,7 +746,6 @@ impl Metrics {
         tcp.len() + requests.len()
     }
 
-    /// Counter handles for one connection's label set.
     /// A proxied connection opened now, counted as such; see `TcpMetrics` for its end.
     pub fn tcp(&self, labels: &TcpLabels) -> TcpMetrics {
         self.tcp_uses.touch(labels, 1);
@@ -768,7 +764,7 @@ impl Metrics {
             sent_bytes: self.tcp_sent.get_or_create(labels).clone(),
             duration: self.tcp_duration.get_or_create(labels).clone(),
             started: std::time::Instant::now(),
-            finished: false,
+            end: None,
         }
     }
 
@@ -982,7 +978,7 @@ mod tests {
                 uses: uses.clone(),
                 labels: labels("b"),
             },
-            finished: false,
+            end: None,
         }
     }
 

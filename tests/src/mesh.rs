@@ -354,6 +354,12 @@ impl MeshConfig {
         self
     }
 
+    /// `[agent] access_log`: the agent writes its JSON access log to `path`.
+    pub fn access_log(self, path: &Path) -> Self {
+        let path = toml_str(&path.to_string_lossy());
+        self.agent("access_log", &path)
+    }
+
     /// Sets `[mesh] key = value` (a TOML value), e.g. `("default_policy", "\"deny\"")`.
     pub fn mesh(mut self, key: &str, value: &str) -> Self {
         set(&mut self.mesh, key, value);

@@ -337,12 +337,11 @@ listeners = [{{ port = {HTTP_DECLARED}, protocol = "http" }}]
 "#,
             web = web.id(),
         );
-        let toml_path = |p: &Path| format!("{:?}", p.display().to_string());
         let agent1 = Agent::start(
             &n1,
             &MeshConfig::new(&trust)
                 .protocol_detection(None)
-                .agent("access_log", &toml_path(&log1))
+                .access_log(&log1)
                 .task(&a, "a")
                 .endpoint(&web, "web")
                 .raw(&routing)
@@ -352,7 +351,7 @@ listeners = [{{ port = {HTTP_DECLARED}, protocol = "http" }}]
             &n2,
             &MeshConfig::new(&trust)
                 .protocol_detection(None)
-                .agent("access_log", &toml_path(&log2))
+                .access_log(&log2)
                 .task(&web, "web")
                 .endpoint(&a, "a")
                 .render(),

@@ -744,9 +744,7 @@ fn a_stopping_agent_resets_the_connections_left_after_its_drain() {
     with_mesh(TrustInit::default(), |m| {
         let watching = m.kit.serve(&m.b, addr(m.b.ip(), 8081), ServeMode::Watch)?;
         let log1 = m.topology.dir().join("access-node1.log");
-        let toml_path = |p: &std::path::Path| format!("{:?}", p.display().to_string());
-        let node1 = m.node1().agent("access_log", &toml_path(&log1));
-        let mut agent1 = Agent::start(&m.n1, &node1.render())?;
+        let mut agent1 = Agent::start(&m.n1, &m.node1().access_log(&log1).render())?;
         let agent2 = Agent::start(&m.n2, &m.node2().render())?;
         let (id_a, id_b) = (spiffe_id("a"), spiffe_id("b"));
         let hop = mtls_labels("destination", &id_a, &id_b);

@@ -269,8 +269,9 @@ impl<'a> Runner<'a> {
 
     /// The next order of the setups: each takes each position equally often.
     fn order(&mut self) -> [Setup; 4] {
+        let order = rotation(self.turn);
         self.turn += 1;
-        rotation(self.turn - 1)
+        order
     }
 
     /// Every path carries a little of each kind of traffic without a single error, and the
@@ -720,8 +721,6 @@ impl<'a> Runner<'a> {
     }
 }
 
-/// Waits for the next stdout line of `process`; `None` if it exits first. Fails when
-/// interrupted or after `timeout`.
 /// The setups in the order of turn `turn`: rotated by one place per turn, so each comes
 /// first (and follows each other) equally often.
 fn rotation(turn: usize) -> [Setup; 4] {
@@ -730,6 +729,8 @@ fn rotation(turn: usize) -> [Setup; 4] {
     order
 }
 
+/// Waits for the next stdout line of `process`; `None` if it exits first. Fails when
+/// interrupted or after `timeout`.
 fn wait_line(
     process: &mut Process,
     lines: &mpsc::Receiver<String>,

@@ -112,7 +112,6 @@ pub struct Testbed {
     stunnels: Vec<Process>,
     stunnel_pids: Vec<u32>,
     relays: Vec<Process>,
-    relay_pids: Vec<u32>,
     _servers: Vec<Process>,
     pub pairs: Vec<Pair>,
     pub tls: TlsSeen,
@@ -244,7 +243,6 @@ impl Testbed {
             spawn_relay(&topology, relay_client, bench_bin, true, relay_server.ip())?,
             spawn_relay(&topology, relay_server, bench_bin, false, relay_server.ip())?,
         ];
-        let relay_pids: Vec<u32> = relays.iter().map(Process::pid).collect();
 
         let probe_files = ca.mint(&spiffe_id("bench-probe"), Validity::Current, &dir, "probe")?;
         let probe = |ip: Ipv4Addr, port: u16| -> String {
@@ -288,7 +286,6 @@ impl Testbed {
             stunnels: vec![client_stunnel, server_stunnel],
             stunnel_pids,
             relays,
-            relay_pids,
             _servers: servers,
             pairs,
             tls,
@@ -356,7 +353,7 @@ impl Testbed {
             Setup::Direct => Vec::new(),
             Setup::Mesh => self.agents.iter().map(Agent::pid).collect(),
             Setup::Stunnel => self.stunnel_pids.clone(),
-            Setup::Relay => self.relay_pids.clone(),
+            Setup::Relay => self.relays.iter().map(Process::pid).collect(),
         }
     }
 
